@@ -1,0 +1,24 @@
+# FreeSpeed: `make bench` runs the main job (the benchmark on its built-in default),
+# `make test` runs the test suite. Both set themselves up first (.ci/setup: venv, torch,
+# a ComfyUI v0.3.64 host found at $COMFYUI_PATH or ~/comfy/ComfyUI, or cloned there).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup test bench test-core clean
+
+setup:
+	@VENV=$(VENV) ./.ci/setup
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-core: setup
+	$(PY) -m pytest tests/core $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf bench/out .pytest_cache

@@ -1,0 +1,121 @@
+"""Per-run cache store shared by the caching techniques (T-GATE, map reuse, encoder propagation).
+
+One store lives for one sampling run (the hook layer creates it in its OUTER_SAMPLE wrapper and
+drops it at the end), so nothing cached in one run can leak into the next.
+
+Keys are built with :func:`cache_key` from what makes two tensors interchangeable:
+* the conditioning identity (a cond's uuid or its index in the call's cond list) -- a tensor made
+  for the uncond branch must never be served to the cond branch;
+* the block (``("input", 4, 0)``, a layer name, ...);
+* the batch composition (which branches were batched together and in what order) and the shape;
+* anything else the technique needs (a step, a head group).
+
+The store enforces a byte budget: a ``put`` that would exceed it is refused (counted in
+``rejected``) rather than evicting, because a technique that cannot cache a layer must fall back
+to computing that layer -- silently evicting would turn into a miss at an unpredictable later
+point.  Optional CPU offload keeps the cached copies in host memory (pinned when the source is on
+CUDA) and moves them back on ``get``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable, Optional
+
+import torch
+
+
+def cache_key(kind: str, block: Hashable, conds: Iterable[Hashable] = (), batch: Hashable = None,
+              extra: Hashable = None) -> tuple:
+    """A hashable cache key: (kind, block, conds, batch composition, extra)."""
+    return (kind, block, tuple(conds), batch, extra)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    rejected: int = 0          # puts refused by the byte budget
+    bytes: int = 0             # bytes held now
+    peak_bytes: int = 0        # most bytes held at once during the run
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"hits": self.hits, "misses": self.misses, "puts": self.puts, "rejected": self.rejected,
+                "bytes": self.bytes, "peak_bytes": self.peak_bytes}
+
+
+@dataclass
+class CacheStore:
+    """A byte-bounded dict of tensors with hit/miss accounting.
+
+    ``budget_bytes`` <= 0 means unbounded.  ``offload`` keeps entries on the CPU.
+    """
+    budget_bytes: int = 0
+    offload: bool = False
+    stats: CacheStats = field(default_factory=CacheStats)
+    _items: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+    def fits(self, nbytes: int, key=None) -> bool:
+        held = self.stats.bytes - (tensor_bytes(self._items[key][0]) if key in self._items else 0)
+        return self.budget_bytes <= 0 or held + nbytes <= self.budget_bytes
+
+    def put(self, key, value: torch.Tensor) -> bool:
+        """Store ``value`` (detached; copied when offloading).  False if the budget refuses it."""
+        nbytes = tensor_bytes(value)
+        if not self.fits(nbytes, key):
+            self.stats.rejected += 1
+            return False
+        device = value.device
+        if self.offload and value.device.type != "cpu":
+            stored = torch.empty(value.shape, dtype=value.dtype, device="cpu",
+                                 pin_memory=value.device.type == "cuda")
+            stored.copy_(value.detach(), non_blocking=True)
+        else:
+            stored = value.detach()
+        if key in self._items:
+            self.stats.bytes -= tensor_bytes(self._items[key][0])
+        self._items[key] = (stored, device)
+        self.stats.puts += 1
+        self.stats.bytes += nbytes
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.bytes)
+        return True
+
+    def get(self, key, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+        """The cached tensor (on ``device``, default where it came from), or None (a miss)."""
+        item = self._items.get(key)
+        if item is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        stored, origin = item
+        target = device if device is not None else origin
+        if stored.device != torch.device(target):
+            return stored.to(target, non_blocking=True)
+        return stored
+
+    def pop(self, key) -> Optional[torch.Tensor]:
+        item = self._items.pop(key, None)
+        if item is None:
+            return None
+        self.stats.bytes -= tensor_bytes(item[0])
+        return item[0]
+
+    def keys(self):
+        return list(self._items.keys())
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.stats.bytes = 0
+
+
+__all__ = ["cache_key", "tensor_bytes", "CacheStats", "CacheStore"]

@@ -1,0 +1,16 @@
+"""FreeSpeed nodes: thin V3 nodes over the shared hook layer (hooks.py) and the pure-torch core."""
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from .todo import ToDoNode
+
+NODES: list[type[io.ComfyNode]] = [ToDoNode]
+
+
+class FreeSpeedExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

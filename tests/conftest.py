@@ -1,0 +1,75 @@
+"""Test set-up: import the pack as ``comfyui_freespeed`` and find a ComfyUI host for tests/host.
+
+The host is looked for, in order, at ``$COMFYUI_PATH``, ``~/comfy/ComfyUI`` (comfy-cli's default
+workspace) and the ComfyUI this pack is installed in (``ComfyUI/custom_nodes/<pack>``).  Without
+one, tests/host is not collected and one line says where we looked; tests/core always runs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "comfyui_freespeed"
+
+
+def _candidates() -> list[tuple[str, str]]:
+    out = []
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        out.append(("$COMFYUI_PATH", env))
+    out.append(("~/comfy/ComfyUI", os.path.expanduser("~/comfy/ComfyUI")))
+    out.append(("the ComfyUI this pack is installed in", os.path.dirname(os.path.dirname(REPO))))
+    return out
+
+
+def find_host() -> tuple[str | None, str]:
+    looked = []
+    for label, path in _candidates():
+        looked.append(f"{label} ({path})" if label != path else path)
+        if os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")) and os.path.isfile(
+                os.path.join(path, "nodes.py")):
+            return os.path.abspath(path), ""
+    return None, "; ".join(looked)
+
+
+HOST, LOOKED = find_host()
+
+
+def _register_package() -> None:
+    if PACKAGE in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(PACKAGE, os.path.join(REPO, "__init__.py"),
+                                                  submodule_search_locations=[REPO])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = mod
+    spec.loader.exec_module(mod)
+
+
+_register_package()
+
+if HOST is not None:
+    if HOST not in sys.path:
+        sys.path.insert(0, HOST)
+    from comfy.cli_args import args  # noqa: E402  (parses nothing: args_parsing is False)
+    args.cpu = True                   # must be set before comfy.model_management is imported
+    if os.environ.get("FREESPEED_ATTENTION") == "pytorch":
+        args.use_pytorch_cross_attention = True
+
+HOST_SKIP_LINE = f"FreeSpeed: no ComfyUI host found, tests/host skipped (looked at: {LOOKED})"
+
+
+def pytest_ignore_collect(collection_path, config):
+    if HOST is None and "host" in collection_path.parts and REPO in str(collection_path):
+        return True
+    return None
+
+
+def pytest_report_header(config):
+    return f"FreeSpeed host: {HOST}" if HOST else HOST_SKIP_LINE
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if HOST is None:
+        terminalreporter.write_line(HOST_SKIP_LINE)
