@@ -13,10 +13,12 @@ are written in *percent of denoising* and resolved against sigma:
 * a window [start, end] is active for an evaluation at sigma when ``sigma(start) >= sigma >=
   sigma(end)`` (inclusive on both sides, so 0%..100% covers every evaluation).
 * the step index is the position of sigma in the run's ``sample_sigmas`` (tolerance 1e-4
-  relative, as ComfyUI's own context windows use).  A sigma that is not in the schedule (heun's
-  and dpm_2's second evaluation, dpmpp_sde's midpoint) gets the index of the interval that contains
-  it and ``extra=True``: techniques that need an exact step (caching keyed by step) treat such an
-  evaluation as "compute normally, cache nothing".
+  relative, as ComfyUI's own context windows use).  A sigma that is not in the schedule (dpm_2's
+  and dpmpp_2s_ancestral's log-midpoint, dpmpp_sde's substep) gets the index of the interval that
+  contains it and ``extra=True``: techniques that need an exact step (caching keyed by step) treat
+  such an evaluation as "compute normally, cache nothing".  Heun's corrector evaluation lands on
+  the *next* schedule sigma, so it looks like that step's first evaluation: a step can be
+  evaluated more than once, and step-keyed caches must tolerate (not assume) a single visit.
 """
 from __future__ import annotations
 

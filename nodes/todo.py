@@ -101,6 +101,9 @@ class ToDo(Technique):
 
     def stats(self, run: RunState) -> dict[str, Any]:
         s = super().stats(run)
+        for k in ("downsampled_calls", "outside_window_calls", "full_attention_calls", "untouched_non_grid",
+                  "untouched_unknown_block"):
+            s.setdefault(k, 0)
         before, after = s.pop("kv_tokens_before", 0), s.pop("kv_tokens_after", 0)
         s["kv_tokens_kept_pct"] = round(100.0 * after / before, 1) if before else 100.0
         s["kv_tokens"] = {f"level{k}": f"{a}->{b}" for k, (a, b) in sorted(run.kv_shapes.items())}
@@ -111,10 +114,10 @@ class ToDo(Technique):
 
     def summary(self, s: dict[str, Any]) -> str:
         toks = ", ".join(f"{k} {v}" for k, v in s["kv_tokens"].items()) or "none"
-        untouched = s.get("untouched_non_grid", 0) + s.get("untouched_unknown_block", 0)
-        return (f"{s['evaluations']} evaluations, {s.get('downsampled_calls', 0)} self-attention calls downsampled "
-                f"({s.get('outside_window_calls', 0)} outside the {s['window_pct'][0]:g}-{s['window_pct'][1]:g}% window, "
-                f"{s.get('full_attention_calls', 0)} at levels left full, {untouched} untouched), "
+        untouched = s["untouched_non_grid"] + s["untouched_unknown_block"]
+        return (f"{s['evaluations']} evaluations, {s['downsampled_calls']} self-attention calls downsampled "
+                f"({s['outside_window_calls']} outside the {s['window_pct'][0]:g}-{s['window_pct'][1]:g}% window, "
+                f"{s['full_attention_calls']} at levels left full, {untouched} untouched), "
                 f"K/V tokens kept {s['kv_tokens_kept_pct']:g}% ({toks}), {s['wall_s']:.2f} s")
 
 
@@ -157,6 +160,14 @@ class ToDoNode(io.ComfyNode):
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, method=None):
+        # ComfyUI 0.3.64 compares V1 list combos with their options, never a V3 Combo: check it here
+        # (only `method`: the inputs named here skip ComfyUI's own min/max checks)
+        if method is not None and method not in METHODS:
+            return f"method must be one of {', '.join(METHODS)}, got {method!r}"
+        return True
 
     @classmethod
     def execute(cls, model, factor_level_1, factor_level_2, method, start_percent, end_percent) -> io.NodeOutput:

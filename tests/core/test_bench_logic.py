@@ -1,0 +1,158 @@
+"""The bench's pure logic: interleaved order, ratios from synthetic timings, the ideal-ratio formula,
+the automatic repeat count and the result document's format.  No timing assertions."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench import report, results, timing  # noqa: E402
+from bench.techniques import todo_factors  # noqa: E402
+
+
+# -- interleaving and ratios ----------------------------------------------------------------------
+def test_interleaved_order_alternates_after_warmup():
+    order = timing.interleaved_order(3, warmup=1)
+    assert order[:2] == [("base", True), ("patched", True)]
+    assert [lb for lb, w in order if not w] == ["base", "patched"] * 3
+    assert timing.interleaved_order(1, warmup=0) == [("base", False), ("patched", False)]
+    with pytest.raises(ValueError):
+        timing.interleaved_order(0)
+
+
+def test_ratio_is_median_base_over_median_patched():
+    runs = [("base", 10.0), ("patched", 5.0), ("base", 12.0), ("patched", 6.0), ("base", 11.0), ("patched", 5.5)]
+    assert timing.ratio_from_runs(runs) == pytest.approx(11.0 / 5.5)
+    assert timing.split_runs(runs)["patched"] == [5.0, 6.0, 5.5]
+
+
+def test_ratio_ignores_a_single_outlier():
+    base = [10.0, 10.0, 100.0]            # one disturbed run
+    patched = [5.0, 5.0, 5.0]
+    assert timing.speed_ratio(base, patched) == pytest.approx(2.0)
+
+
+def test_ratio_needs_both_sides():
+    with pytest.raises(ValueError):
+        timing.ratio_from_runs([("base", 1.0)])
+    with pytest.raises(ValueError):
+        timing.median([])
+
+
+# -- ideal ratio ----------------------------------------------------------------------------------
+def test_ideal_ratio_formula():
+    # T = 100, touched attention 40, factor 2: 100 / (60 + 40/4)
+    assert timing.ideal_ratio(100.0, 40.0, 2.0) == pytest.approx(100.0 / 70.0)
+    assert timing.ideal_ratio_from_share(0.4, 2.0) == pytest.approx(100.0 / 70.0)
+    assert timing.ideal_ratio_from_share(0.0, 2.0) == pytest.approx(1.0)
+    assert timing.ideal_ratio_from_share(1.0, 2.0) == pytest.approx(4.0)
+    assert timing.ideal_ratio_from_share(0.5, 1.0) == pytest.approx(1.0)
+    # the issue's figures: 17% at 512², 36% at 768² (all of it touched) with factor 2
+    assert timing.ideal_ratio_from_share(0.36, 2.0) == pytest.approx(1 / (0.64 + 0.09))
+
+
+@pytest.mark.parametrize("args", [(0.0, 0.0, 2.0), (10.0, 11.0, 2.0), (10.0, -1.0, 2.0), (10.0, 5.0, 0.5)])
+def test_ideal_ratio_rejects_bad_input(args):
+    with pytest.raises(ValueError):
+        timing.ideal_ratio(*args)
+
+
+def test_fraction_of_ideal():
+    assert timing.fraction_of_ideal(1.7, 2.0) == pytest.approx(0.85)
+
+
+# -- automatic repeat count -----------------------------------------------------------------------
+def test_want_another_round():
+    assert timing.want_another_round(0, 5, 1e9, 1e9, 1e9, 10.0)          # always one round
+    assert not timing.want_another_round(5, 5, 0.0, 1.0, 0.0, 100.0)     # max reached
+    assert timing.want_another_round(1, 5, 50.0, 20.0, 20.0, 100.0)      # 90 <= 100
+    assert not timing.want_another_round(1, 5, 50.0, 20.0, 40.0, 100.0)  # 110 > 100
+    assert timing.want_another_round(3, 5, 1e9, 1e9, 0.0, None)          # no budget: up to max
+
+
+def test_todo_factors():
+    assert todo_factors(1, 2.0) == (2.0, 1.0)
+    assert todo_factors(2, 3.0) == (1.0, 3.0)
+    assert todo_factors(3, 2.0) == (1.0, 1.0, 2.0)
+    with pytest.raises(ValueError):
+        todo_factors(0, 2.0)
+
+
+# -- result document ------------------------------------------------------------------------------
+def _run(label, model_s, attn=0.0, sel=0.0, warmup=False, profile=False, batch=2, stats=None):
+    rec = {"label": label, "warmup": warmup, "profile": profile, "wall_s": model_s + 0.1, "model_s": model_s,
+           "forwards": 1, "unet_batch": [batch], "attention_s": attn, "selected_s": sel,
+           "attention_share": attn / model_s, "selected_share": sel / model_s,
+           "attention_calls": 32 if attn else 0, "selected_calls": 5 if attn else 0}
+    if stats is not None:
+        rec["technique_stats"] = stats
+    return rec
+
+
+def _synthetic_doc():
+    stats = {"downsampled_calls": 5, "kv_tokens": {"level1": "16384->4096"}}
+    runs = [_run("base", 1.0, 0.5, 0.4, warmup=True), _run("patched", 0.8, 0.2, 0.1, warmup=True, stats=stats),
+            _run("base", 100.0, 50.0, 40.0), _run("patched", 75.0, 20.0, 10.0, stats=stats),
+            _run("base", 104.0, 52.0, 41.6), _run("patched", 77.0, 21.0, 10.5, stats=stats)]
+    res = results.summarize_kernel("pytorch", runs, 2.0, 2)
+    env = {"python": "3", "torch": "2", "threads": 2, "cpu_count": 2, "platform": "x", "device": "cpu",
+           "comfyui": "0.3.64", "cpu": "test cpu"}
+    cfg = {"model": "sd15", "width": 1024, "height": 1024, "batch": 1, "steps": 1, "sampler": "euler", "cfg": 7.0,
+           "latent": [128, 128], "unet_batch": 2, "model_label": "SD1.5 UNet", "dtype": "float32", "device": "cpu"}
+    return results.document("todo", "ToDo factor 2 at attention level 1 (nearest)", env, cfg, [res], 321.0)
+
+
+def test_summarize_kernel_from_synthetic_runs():
+    r = _synthetic_doc()["results"][0]
+    assert r["repeats"] == 2                                     # warm-ups dropped
+    assert r["base_median_s"] == pytest.approx(102.0)
+    assert r["patched_median_s"] == pytest.approx(76.0)
+    assert r["measured_ratio"] == pytest.approx(102.0 / 76.0)
+    assert r["attention_share"] == pytest.approx(0.5)
+    assert r["selected_share"] == pytest.approx(0.4)
+    assert r["ideal_ratio"] == pytest.approx(1 / (0.6 + 0.1))
+    assert r["fraction_of_ideal"] == pytest.approx(r["measured_ratio"] / r["ideal_ratio"])
+    assert r["selected_attention_speedup"] == pytest.approx(40.8 / 10.25)
+    assert r["batched_cfg"] and r["technique_stats"]["downsampled_calls"] == 5
+
+
+def test_profile_runs_give_the_shares_when_timed_runs_did_not_record():
+    runs = [_run("base", 10.0), _run("patched", 8.0),                    # timed, attention not recorded
+            _run("base", 11.0, 6.0, 5.5, profile=True), _run("patched", 9.0, 3.0, 1.4, profile=True)]
+    r = results.summarize_kernel("pytorch", runs, 2.0, 2)
+    assert r["repeats"] == 1 and r["measured_ratio"] == pytest.approx(10.0 / 8.0)
+    assert r["selected_share"] == pytest.approx(0.5)
+
+
+def test_document_format_is_stable():
+    doc = _synthetic_doc()
+    assert tuple(doc) == results.TOP_KEYS
+    assert tuple(doc["results"][0]) == results.RESULT_KEYS
+    assert doc["schema"] == "freespeed-bench/speed/1"
+    back = json.loads(report.to_json(doc))
+    assert set(back) == set(results.TOP_KEYS)
+    assert set(back["results"][0]) == set(results.RESULT_KEYS)
+
+
+def test_json_has_no_nan():
+    doc = _synthetic_doc()
+    doc["results"][0]["selected_attention_speedup"] = math.nan
+    assert json.loads(report.to_json(doc))["results"][0]["selected_attention_speedup"] is None
+
+
+def test_tables_show_the_three_figures(tmp_path):
+    doc = _synthetic_doc()
+    text = report.terminal(doc)
+    for col in ("attn share", "touched share", "ideal x", "measured x", "of ideal"):
+        assert col in text
+    md = report.markdown(doc)
+    assert md.count("\n| ") >= 2 and "| SDPA (pytorch) |" in md
+    paths = report.write(doc, str(tmp_path / "a" / "speed.json"), str(tmp_path / "speed.md"))
+    assert len(paths) == 2 and json.load(open(paths[0]))["technique"] == "todo"

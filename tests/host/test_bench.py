@@ -1,0 +1,96 @@
+"""The bench machinery end to end on tiny real ComfyUI models (seconds on CPU): kernel override,
+attention timing labels, the patched run really downsampled, the CLI writes its files.
+No timing assertions."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench import host  # noqa: E402
+
+host.setup("cpu")
+
+from bench import models, results  # noqa: E402
+from bench.instrument import Instrument, count_attention_modules  # noqa: E402
+from bench.speed import SpeedOptions, run_speed, sample_once  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny15():
+    return models.build("tiny-sd15", device=torch.device("cpu"))
+
+
+def _opts(**kw):
+    base = dict(model="tiny-sd15", width=64, height=64, repeats=1, warmup="none", device="cpu", dtype="fp32")
+    base.update(kw)
+    return SpeedOptions(**base)
+
+
+@pytest.mark.parametrize("family,cls", [("sd15", "SD15"), ("sdxl", "SDXL")])
+def test_full_size_configs_are_detected_as_the_real_architecture(family, cls):
+    mc = models.model_config(models.SPECS[family], torch.float32)
+    assert type(mc).__name__ == cls
+    assert mc.unet_config["model_channels"] == 320
+
+
+@pytest.mark.parametrize("kernel,fn", [("pytorch", "attention_pytorch"), ("sub_quad", "attention_sub_quad")])
+def test_instrument_runs_the_chosen_kernel_for_every_call(tiny15, kernel, fn):
+    m = tiny15.patcher.clone()
+    inst = Instrument(kernel)
+    inst.install(m)
+    sample_once(tiny15, m, _opts(), 64, 64)
+    n = count_attention_modules(tiny15.patcher.model.diffusion_model)
+    assert inst.kernel_calls == {fn: n}
+    (fwd,) = inst.forwards
+    assert fwd.batch == 2                                   # cond + uncond in one forward
+    assert len(fwd.calls) == n
+    kinds = [c.kind for c in fwd.calls]
+    assert kinds.count("self") == kinds.count("cross") == n // 2
+    for c in fwd.calls:                                     # attn1: K = Q tokens; attn2: 77 text tokens
+        assert c.k_tokens == (c.q_tokens if c.kind == "self" else 77)
+    assert fwd.seconds > 0 and fwd.attention_s > 0
+
+
+def test_speed_run_downsamples_and_reports(tiny15):
+    doc = run_speed(_opts(kernels=("pytorch", "sub_quad")), bm=tiny15)
+    assert tuple(doc) == results.TOP_KEYS
+    assert [r["kernel"] for r in doc["results"]] == ["pytorch", "sub_quad"]
+    for r in doc["results"]:
+        assert tuple(r) == results.RESULT_KEYS
+        assert r["repeats"] == 1 and r["batched_cfg"]
+        st = r["technique_stats"]
+        assert st["downsampled_calls"] == 3                 # tiny SD1.5 level 1: input 1, output 0, output 1
+        assert st["kv_tokens"] == {"level1": "64->16"}
+        base = [x for x in r["runs"] if x["label"] == "base"][0]
+        patched = [x for x in r["runs"] if x["label"] == "patched"][0]
+        assert base["selected_calls"] == patched["selected_calls"] == 3
+        assert base["selected_kv_tokens"] == [(64, 64)]
+        assert patched["selected_kv_tokens"] == [(64, 16)]  # keys/values downsampled 2x per side
+        assert 0 < r["selected_share"] <= r["attention_share"] < 1
+        assert r["ideal_ratio"] > 1
+
+
+def test_speed_run_on_tiny_sdxl_uses_its_attention_level_1():
+    bm = models.build("tiny-sdxl", device=torch.device("cpu"))
+    doc = run_speed(_opts(model="tiny-sdxl", kernels=("pytorch",)), bm=bm)
+    st = doc["results"][0]["technique_stats"]
+    assert st["downsampled_calls"] > 0 and st["kv_tokens"] == {"level1": "16->4"}   # 8x8 latent → 4x4 level
+
+
+def test_cli_writes_json_and_markdown(tmp_path, capsys):
+    from bench.__main__ import main
+    j, md = tmp_path / "s.json", tmp_path / "s.md"
+    rc = main(["--model", "tiny-sd15", "--resolution", "64", "--repeats", "1", "--warmup", "none",
+               "--attention", "pytorch", "--device", "cpu", "--json", str(j), "--markdown", str(md)])
+    assert rc == 0
+    doc = json.loads(j.read_text())
+    assert doc["config"]["latent"] == [8, 8] and doc["results"][0]["technique_stats"]["downsampled_calls"] > 0
+    assert "measured x" in capsys.readouterr().out and "| SDPA (pytorch) |" in md.read_text()
