@@ -419,6 +419,9 @@ class IPAdapterLike:
     def __init__(self):
         self.calls = []          # (sigma, cond_or_uncond, output)
 
+    def __deepcopy__(self, memo):
+        return self              # ModelPatcher.clone deep-copies model_options: keep one recorder
+
     def __call__(self, q, k, v, extra_options):
         out = optimized_attention(q, k, v, extra_options["n_heads"]) + 0.3 * torch.tanh(q)
         self.calls.append((float(extra_options["sigmas"].max()), tuple(extra_options["cond_or_uncond"]), out.clone()))
