@@ -6,7 +6,7 @@ evaluation with CFG (UNet batch 2), with ComfyUI's SDPA attention and with its C
 (sub-quadratic), on CUDA when available else CPU.  Prints a table (attention share, ideal ratio,
 measured ratio per kernel) and writes ``bench/out/speed.json`` and ``bench/out/speed.md``.
 
-On CPU the number of interleaved rounds is chosen to fit ``--budget`` seconds (default 540 s, the
+On CPU the number of interleaved rounds is chosen to fit ``--budget`` seconds (default 420 s, the
 whole default run is meant to finish within 10 minutes on 2 cores); ``--repeats N`` fixes it.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sub_quad = ComfyUI's CPU default")
     p.add_argument("--repeats", type=int, default=0, help="interleaved base/patched rounds; 0 = fit --budget")
     p.add_argument("--max-repeats", type=int, default=5, help="upper bound of rounds when --repeats is 0")
-    p.add_argument("--budget", type=float, default=540.0, help="seconds the automatic repeat count aims to fit in")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds the automatic repeat count aims to fit in")
     p.add_argument("--warmup", choices=("auto", "full", "small", "none"), default="auto",
                    help="warm-up run before timing: full = at the measured size, small = at 128², "
                         "auto = full on CUDA, small on CPU")

@@ -70,7 +70,7 @@ class SpeedOptions:
     kernels: tuple = KERNELS
     repeats: int = 0               # interleaved rounds; 0 = as many as fit in budget_s (1..max_repeats)
     max_repeats: int = 5
-    budget_s: Optional[float] = 540.0
+    budget_s: Optional[float] = 420.0
     warmup: str = "auto"           # "full" | "small" | "none" | "auto" (full on CUDA, small on CPU)
     device: str = "auto"
     dtype: str = "auto"

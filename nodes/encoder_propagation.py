@@ -549,6 +549,15 @@ class EncoderPropagationNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, schedule=None, controlnet=None):
+        # ComfyUI 0.3.64 compares V1 list combos with their options, never a V3 Combo: check them here
+        if schedule is not None and schedule not in SCHEDULE_LABELS:
+            return f"schedule must be one of {', '.join(SCHEDULE_LABELS)}, got {schedule!r}"
+        if controlnet is not None and controlnet not in CONTROLNET_MODES:
+            return f"controlnet must be one of {', '.join(CONTROLNET_MODES)}, got {controlnet!r}"
+        return True
+
+    @classmethod
     def execute(cls, model, schedule, every_k, key_percents, max_parallel_steps, noise_injection, injection_start,
                 controlnet) -> io.NodeOutput:
         mode = SCHEDULE_LABELS.get(schedule, schedule)

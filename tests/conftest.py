@@ -17,8 +17,7 @@ PACKAGE = "comfyui_freespeed"
 def _candidates() -> list[tuple[str, str]]:
     out = []
     env = os.environ.get("COMFYUI_PATH")
-    if env:
-        out.append(("$COMFYUI_PATH", env))
+    out.append(("$COMFYUI_PATH", env or "unset"))
     out.append(("~/comfy/ComfyUI", os.path.expanduser("~/comfy/ComfyUI")))
     out.append(("the ComfyUI this pack is installed in", os.path.dirname(os.path.dirname(REPO))))
     return out
@@ -28,7 +27,7 @@ def find_host() -> tuple[str | None, str]:
     looked = []
     for label, path in _candidates():
         looked.append(f"{label} ({path})" if label != path else path)
-        if os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")) and os.path.isfile(
+        if path != "unset" and os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")) and os.path.isfile(
                 os.path.join(path, "nodes.py")):
             return os.path.abspath(path), ""
     return None, "; ".join(looked)

@@ -436,3 +436,11 @@ def test_v3_node_schema_and_execute(sd15):
         node.execute(sd15.model, "custom percents", 4, "", 2, 0.003, 0.5, "reuse")
     with pytest.raises(ValueError):
         node.execute(sd15.model, "custom percents", 4, "0, 150", 2, 0.003, 0.5, "reuse")
+
+
+def test_validate_inputs_rejects_unknown_combo_values():
+    # ComfyUI 0.3.64 does not compare V3 combo values with their options: the node does it
+    assert EncoderPropagationNode.validate_inputs(schedule="paper 50ls", controlnet="skip") is True
+    assert "schedule must be one of" in EncoderPropagationNode.validate_inputs(schedule="50ls", controlnet="skip")
+    assert "controlnet must be one of" in EncoderPropagationNode.validate_inputs(schedule="every k steps",
+                                                                              controlnet="off")
