@@ -306,7 +306,13 @@ def publish(node_id: str, stats: dict[str, Any]) -> None:
         from server import PromptServer  # only present inside a running ComfyUI server
         inst = getattr(PromptServer, "instance", None)
         if inst is not None:
-            inst.send_sync("freespeed.stats", {"node": node_id, "stats": stats})
+            msg = {"node": node_id, "stats": stats}
+            try:  # the canvas readout and schedule bar (readout.py); never allowed to break sampling
+                from .readout import annotate
+                msg.update(annotate(stats))
+            except Exception:
+                logger.debug("FreeSpeed: readout failed for node %s", node_id, exc_info=True)
+            inst.send_sync("freespeed.stats", msg)
     except Exception:  # no server (tests, scripts): the stats stay in LAST_STATS
         pass
 
