@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench test-core clean
+.PHONY: setup test bench test-core test-browser clean
 
 setup:
 	@VENV=$(VENV) ./.ci/setup
@@ -16,6 +16,13 @@ test: setup
 
 test-core: setup
 	$(PY) -m pytest tests/core $(PYTEST_ARGS)
+
+# opt-in browser test: headless Chromium (Debian: apt-get install -y chromium chromium-driver) driven by
+# playwright-core against a real ComfyUI server; screenshots in tests/browser/out/
+test-browser: setup
+	@test -x "$${CHROMIUM_PATH:-/usr/bin/chromium}" || { echo "test-browser needs Chromium: apt-get install -y chromium chromium-driver (or set CHROMIUM_PATH)"; exit 1; }
+	cd tests/browser && npm install --no-audit --no-fund
+	FREESPEED_BROWSER=1 $(PY) -m pytest tests/browser $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

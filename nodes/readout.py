@@ -204,6 +204,27 @@ def _propagation(s: dict) -> tuple[str, list[Segment], Optional[float]]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Attention Map Reuse
+# ------------------------------------------------------------------------------------------------
+def _mapreuse(s: dict) -> tuple[str, list[Segment], Optional[float]]:
+    n = _int(s, "steps")
+    reuse = sorted({int(k) for k in (s.get("reuse_steps") or []) if 0 <= int(k) < max(n, 1)})
+    keep = sorted({int(k) for k in (s.get("keep_steps") or []) if 0 <= int(k) < max(n, 1)})
+    parts = [f"{len(reuse)} reuse steps/{n}" if reuse else f"no reuse step ({s.get('schedule', 'off')})"]
+    if keep:
+        parts.append("maps kept at " + ",".join(str(k) for k in keep[:6]) + ("…" if len(keep) > 6 else ""))
+    parts.append(f"{_int(s, 'reuse_calls')} layer calls reused a map")
+    left = _int(s, "layers_left_alone_budget")
+    if left:
+        parts.append(f"{left} layers over the cache budget")
+    if _num(s, "cache_peak_mb"):
+        parts.append(f"maps {_num(s, 'cache_peak_mb'):g} MB")
+    kinds = [("active", "map reused") if i in reuse else ("key", "maps kept") if i in keep else ("full", "computed")
+             for i in range(n)]
+    return SEP.join(parts), merge_steps(kinds, n), None
+
+
+# ------------------------------------------------------------------------------------------------
 # anything else (a technique without a rule here yet)
 # ------------------------------------------------------------------------------------------------
 _SKIP = {"technique", "model", "evaluations", "extra_evaluations", "steps", "wall_s"}
@@ -227,6 +248,7 @@ RULES: dict[str, Callable[[dict], tuple[str, list[Segment], Optional[float]]]] =
     "ToDo": _todo,
     "T-GATE": _tgate,
     "Encoder Propagation": _propagation,
+    "Attention Map Reuse": _mapreuse,
 }
 
 

@@ -124,8 +124,21 @@ def test_propagation_readout_key_steps_and_segments():
     assert every["speedup_est"] is None and [s["kind"] for s in every["segments"]] == ["full"]
 
 
+def test_mapreuse_readout_and_segments():
+    s = {"technique": "Attention Map Reuse", "model": "SD1.x/SD2.x", "evaluations": 20, "steps": 20, "wall_s": 2.0,
+         "schedule": "late", "start_pct": 50.0, "refresh_every": 0, "reuse_steps": list(range(10, 20)),
+         "keep_steps": [9], "reuse_calls": 160, "keep_calls": 16, "layers_left_alone_budget": 0, "cache_peak_mb": 512.0}
+    out = readout.annotate(s)
+    assert out["readout"] == ("10 reuse steps/20 · maps kept at 9 · 160 layer calls reused a map · maps 512 MB · "
+                              "2.00 s"), out["readout"]
+    assert [(s_["kind"], s_["start"], s_["end"]) for s_ in out["segments"]] == [
+        ("full", 0.0, 0.45), ("key", 0.45, 0.5), ("active", 0.5, 1.0)]
+    off = readout.annotate(dict(s, schedule="off", reuse_steps=[], keep_steps=[], reuse_calls=0, cache_peak_mb=0))
+    assert off["readout"].startswith("no reuse step (off)") and [x["kind"] for x in off["segments"]] == ["full"]
+
+
 def test_unknown_technique_and_garbage_never_raise():
-    out = readout.annotate({"technique": "Attention Map Reuse", "steps": 20, "wall_s": 1.0, "maps_reused": 12,
+    out = readout.annotate({"technique": "Something New", "steps": 20, "wall_s": 1.0, "maps_reused": 12,
                             "keep": True})
     assert out["readout"] == "20 steps · maps reused 12 · 1.00 s" and out["segments"] == []
     for bad in ({}, {"technique": "T-GATE"}, {"technique": "ToDo", "factors": None},

@@ -1,0 +1,131 @@
+// FreeSpeed browser check, driven by tests/browser/test_browser.py (which starts the ComfyUI server).
+//
+//   node run.mjs <server url> <spec.json> <out dir>
+//
+// spec.json: {"shipped": {name: ui workflow}, "run": ui workflow, "steps": n, "timeout_s": s}
+// Prints one JSON report on stdout; screenshots go to <out dir>.  Headless Chromium from the Debian
+// package (/usr/bin/chromium, or $CHROMIUM_PATH) driven by playwright-core (no bundled browser).
+import fs from "node:fs";
+import path from "node:path";
+import { chromium } from "playwright-core";
+
+const [url, specPath, outDir] = process.argv.slice(2);
+const spec = JSON.parse(fs.readFileSync(specPath, "utf-8"));
+const timeout = (spec.timeout_s ?? 180) * 1000;
+fs.mkdirSync(outDir, { recursive: true });
+
+const report = { console: [], pageErrors: [], shipped: {}, templates: null, run: null, preview: null, screenshots: [] };
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM_PATH || "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1600, height: 900 }, deviceScaleFactor: 1 });
+  page.setDefaultTimeout(timeout);
+  page.on("console", (m) => {
+    if (m.type() === "error" || m.type() === "warning") report.console.push(`${m.type()}: ${m.text()}`.slice(0, 500));
+  });
+  page.on("pageerror", (e) => report.pageErrors.push(String(e).slice(0, 500)));
+
+  await page.goto(url, { waitUntil: "domcontentloaded" });
+  await page.waitForFunction(() => window.comfyAPI?.app?.app?.graph && window.FreeSpeed, null, { timeout });
+  await page.waitForTimeout(1000);
+  await page.keyboard.press("Escape");
+
+  // 1. every shipped workflow loads with its widget values exactly where the JSON put them
+  for (const [name, wf] of Object.entries(spec.shipped)) {
+    report.shipped[name] = await page.evaluate(async (wf) => {
+      const app = window.comfyAPI.app.app;
+      await app.loadGraphData(structuredClone(wf), true, false, null);
+      const out = { nodes: app.graph._nodes.length, mismatches: [], missing: [] };
+      for (const n of wf.nodes) {
+        const node = app.graph.getNodeById(n.id);
+        if (!node) { out.missing.push(n.id); continue; }
+        if (node.type !== n.type) out.mismatches.push(`${n.id}: type ${node.type} != ${n.type}`);
+        if (n.type === "Note") continue;
+        const got = (node.widgets ?? []).filter((w) => w.serialize !== false || w.name === "control_after_generate").map((w) => w.value);
+        const want = n.widgets_values ?? [];
+        if (JSON.stringify(got) !== JSON.stringify(want)) out.mismatches.push(`${n.id} ${n.type}: ${JSON.stringify(got)} != ${JSON.stringify(want)}`);
+      }
+      return out;
+    }, wf);
+  }
+
+  // 2. the template browser's listing names them under the pack
+  report.templates = await page.evaluate(async () => {
+    const api = window.comfyAPI.api.api;
+    return await api.getWorkflowTemplates();
+  });
+
+  // 3. the tiny workflow runs; every FreeSpeed node draws its readout
+  const ids = await page.evaluate(async (wf) => {
+    const app = window.comfyAPI.app.app;
+    const api = window.comfyAPI.api.api;
+    window.__fsErrors = [];
+    api.addEventListener("execution_error", ({ detail }) => window.__fsErrors.push(detail?.exception_message ?? "error"));
+    await app.loadGraphData(structuredClone(wf), true, false, "freespeed-browser-test");
+    await app.queuePrompt(0, 1);
+    return wf.nodes.filter((n) => n.type.startsWith("FreeSpeed") && !n.type.startsWith("FreeSpeedTest")).map((n) => String(n.id));
+  }, spec.run);
+  await page.waitForFunction(
+    (ids) => ids.every((id) => window.FreeSpeed.lastRun.has(id)) || window.__fsErrors.length > 0,
+    ids,
+    { timeout },
+  );
+  // frame the FreeSpeed nodes and redraw
+  const clip = await page.evaluate((ids) => {
+    const app = window.comfyAPI.app.app;
+    const nodes = ids.map((id) => app.graph.getNodeById(id));
+    const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 30;
+    const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 60;
+    const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 30;
+    const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 30;
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    const scale = Math.min(1.25, (rect.width - 40) / (x1 - x0), (rect.height - 140) / (y1 - y0));
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [-x0 + 20 / scale, -y0 + 100 / scale];
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+    return { x: rect.left, y: rect.top + 80, width: Math.min(rect.width, (x1 - x0) * scale + 40), height: Math.min(rect.height - 80, (y1 - y0) * scale + 40) };
+  }, ids);
+  await page.waitForTimeout(500);
+  report.run = await page.evaluate((ids) => {
+    const F = window.FreeSpeed;
+    return {
+      errors: window.__fsErrors,
+      nodes: Object.fromEntries(ids.map((id) => [id, {
+        type: window.comfyAPI.app.app.graph.getNodeById(id).type,
+        readout: F.lastRun.get(id)?.readout ?? null,
+        segments: F.lastRun.get(id)?.segments ?? null,
+        drawn: F.drawn.get(id) ?? null,
+      }])),
+    };
+  }, ids);
+  const full = path.join(outDir, "canvas.png");
+  await page.screenshot({ path: full });
+  const crop = path.join(outDir, "readout.png");
+  await page.screenshot({ path: crop, clip });
+  report.screenshots.push(full, crop);
+
+  // 4. live preview: change T-GATE's gate, the bar and text follow without a run
+  report.preview = await page.evaluate(() => {
+    const app = window.comfyAPI.app.app;
+    const node = app.graph._nodes.find((n) => n.type === "FreeSpeedTGate");
+    if (!node) return null;
+    const before = window.FreeSpeed.drawn.get(String(node.id));
+    const w = node.widgets.find((x) => x.name === "gate");
+    w.value = 0.7;
+    w.callback?.(0.7, app.canvas, node);
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+    const after = window.FreeSpeed.drawn.get(String(node.id));
+    return { id: String(node.id), before, after };
+  });
+  const prev = path.join(outDir, "preview.png");
+  await page.screenshot({ path: prev, clip });
+  report.screenshots.push(prev);
+} finally {
+  await browser.close();
+}
+process.stdout.write(JSON.stringify(report) + "\n");
