@@ -6,10 +6,11 @@ from typing_extensions import override
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .encoder_propagation import EncoderPropagationNode
+from .mapreuse import MapReuseNode, MapReuseSearchNode
 from .tgate import TGateNode
 from .todo import ToDoNode
 
-NODES: list[type[io.ComfyNode]] = [ToDoNode, TGateNode, EncoderPropagationNode]
+NODES: list[type[io.ComfyNode]] = [ToDoNode, TGateNode, EncoderPropagationNode, MapReuseNode, MapReuseSearchNode]
 
 
 class FreeSpeedExtension(ComfyExtension):
