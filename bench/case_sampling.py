@@ -35,8 +35,9 @@ from . import host, timing
 DEFAULTS = {
     "tgate": dict(steps=25, cfg=7.0, sampler="euler", scheduler="normal"),
     "encprop": dict(steps=50, cfg=7.5, sampler="ddim", scheduler="ddim_uniform"),
+    "mapreuse": dict(steps=20, cfg=7.0, sampler="euler", scheduler="normal"),
 }
-KEYS = {"tgate": "freespeed.tgate", "encprop": "freespeed.encoder_propagation"}
+KEYS = {"tgate": "freespeed.tgate", "encprop": "freespeed.encoder_propagation", "mapreuse": "freespeed.mapreuse"}
 
 
 def apply_technique(technique: str, model, gate: float = 0.4, max_parallel: int = 4):
@@ -47,6 +48,9 @@ def apply_technique(technique: str, model, gate: float = 0.4, max_parallel: int 
     if technique == "encprop":
         from comfyui_freespeed.nodes.encoder_propagation import EncoderPropagationConfig, apply_encoder_propagation
         return apply_encoder_propagation(model, EncoderPropagationConfig(max_parallel=int(max_parallel)))
+    if technique == "mapreuse":    # the node's defaults: late schedule from 50%, fp16 maps, 1024 MB budget
+        from comfyui_freespeed.nodes.mapreuse import MapReuseConfig, apply_mapreuse
+        return apply_mapreuse(model, MapReuseConfig())
     raise ValueError(f"unknown technique {technique!r}; expected one of {', '.join(DEFAULTS)}")
 
 
