@@ -26,7 +26,10 @@ try {
   page.on("console", (m) => {
     if (m.type() === "error" || m.type() === "warning") report.console.push(`${m.type()}: ${m.text()}`.slice(0, 500));
   });
-  page.on("pageerror", (e) => report.pageErrors.push(String(e).slice(0, 500)));
+  page.on("pageerror", (e) => report.pageErrors.push(String(e.stack || e).slice(0, 1500)));
+  page.on("response", (r) => {
+    if (r.status() >= 400) report.console.push(`HTTP ${r.status()} ${r.url()}`);
+  });
 
   await page.goto(url, { waitUntil: "domcontentloaded" });
   await page.waitForFunction(() => window.comfyAPI?.app?.app?.graph && window.FreeSpeed, null, { timeout });
@@ -38,11 +41,12 @@ try {
     report.shipped[name] = await page.evaluate(async (wf) => {
       const app = window.comfyAPI.app.app;
       await app.loadGraphData(structuredClone(wf), true, false, null);
-      const out = { nodes: app.graph._nodes.length, mismatches: [], missing: [] };
+      const out = { nodes: app.graph._nodes.length, mismatches: [], missing: [], sizes: {} };
       for (const n of wf.nodes) {
         const node = app.graph.getNodeById(n.id);
         if (!node) { out.missing.push(n.id); continue; }
         if (node.type !== n.type) out.mismatches.push(`${n.id}: type ${node.type} != ${n.type}`);
+        out.sizes[n.type] = [node.size[0], node.size[1], ...node.computeSize()];
         if (n.type === "Note") continue;
         const got = (node.widgets ?? []).filter((w) => w.serialize !== false || w.name === "control_after_generate").map((w) => w.value);
         const want = n.widgets_values ?? [];
