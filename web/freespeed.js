@@ -153,6 +153,11 @@ function previewSegments(node) {
     for (let i = 0; i < steps; i++) kinds.push(reuse.has(i) ? ["active", "map reused"] : reuse.has(i + 1) ? ["key", "maps kept"] : ["full", "computed"]);
     return { segments: merge(kinds, steps), text: reuse.size ? `${reuse.size} reuse steps/${steps}` : "no reuse step" };
   }
+  if (t === "FreeSpeedAttentionMapReuseSearch") {
+    const n = Math.round(num(widget(node, "steps"), 20));
+    const budget = Math.round(num(widget(node, "reuse_steps"), 10));
+    return { segments: [], text: `searches ${budget} reuse steps of ${n} (${n + 2} calibration runs)` };
+  }
   return { segments: [], text: "" };
 }
 

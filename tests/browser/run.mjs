@@ -36,7 +36,25 @@ try {
   await page.waitForTimeout(1000);
   await page.keyboard.press("Escape");
 
+  // frame all nodes (or the given ones) in the canvas; returns the screen rectangle they occupy
+  const frame = (ids) => page.evaluate((ids) => {
+    const app = window.comfyAPI.app.app;
+    const nodes = ids ? ids.map((id) => app.graph.getNodeById(id)) : app.graph._nodes;
+    const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 30;
+    const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 60;
+    const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 30;
+    const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 30;
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    const scale = Math.min(1.25, (rect.width - 40) / (x1 - x0), (rect.height - 140) / (y1 - y0));
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [-x0 + 20 / scale, -y0 + 100 / scale];
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+    return { x: rect.left, y: rect.top + 80, width: Math.min(rect.width, (x1 - x0) * scale + 40), height: Math.min(rect.height - 80, (y1 - y0) * scale + 40) };
+  }, ids);
+
   // 1. every shipped workflow loads with its widget values exactly where the JSON put them
+  fs.mkdirSync(path.join(outDir, "workflows"), { recursive: true });
   for (const [name, wf] of Object.entries(spec.shipped)) {
     report.shipped[name] = await page.evaluate(async (wf) => {
       const app = window.comfyAPI.app.app;
@@ -54,6 +72,11 @@ try {
       }
       return out;
     }, wf);
+    const shot = path.join(outDir, "workflows", `${name}.png`);
+    await frame(null);
+    await page.waitForTimeout(100);
+    await page.screenshot({ path: shot });
+    report.screenshots.push(shot);
   }
 
   // 2. the template browser's listing names them under the pack
@@ -78,21 +101,7 @@ try {
     { timeout },
   );
   // frame the FreeSpeed nodes and redraw
-  const clip = await page.evaluate((ids) => {
-    const app = window.comfyAPI.app.app;
-    const nodes = ids.map((id) => app.graph.getNodeById(id));
-    const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 30;
-    const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 60;
-    const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 30;
-    const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 30;
-    const rect = app.canvas.canvas.getBoundingClientRect();
-    const scale = Math.min(1.25, (rect.width - 40) / (x1 - x0), (rect.height - 140) / (y1 - y0));
-    app.canvas.ds.scale = scale;
-    app.canvas.ds.offset = [-x0 + 20 / scale, -y0 + 100 / scale];
-    app.canvas.setDirty(true, true);
-    app.canvas.draw(true, true);
-    return { x: rect.left, y: rect.top + 80, width: Math.min(rect.width, (x1 - x0) * scale + 40), height: Math.min(rect.height - 80, (y1 - y0) * scale + 40) };
-  }, ids);
+  const clip = await frame(ids);
   await page.waitForTimeout(500);
   report.run = await page.evaluate((ids) => {
     const F = window.FreeSpeed;

@@ -57,10 +57,11 @@ FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"): (".safetensors", ".ckpt"
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # FreeSpeed nodes that may exist without a workflow yet (node id -> why); anything else must have one
-KNOWN_GAPS = {
-    "FreeSpeedAttentionMapReuse": "landed while the workflows were written; its workflows are a follow-up",
-    "FreeSpeedAttentionMapReuseSearch": "landed while the workflows were written; its workflows are a follow-up",
-}
+# (the benchmark node of issue 7, any "*Bench*" id, is a known gap too: its workflow waits for the node)
+KNOWN_GAPS: dict[str, str] = {}
+# techniques the "maximum speed" workflows stack (Attention Map Reuse is left out: its maps are memory-bound at
+# the resolutions where ToDo pays off, and it leaves T-GATE's cross-attention to T-GATE anyway)
+STACKABLE = ("FreeSpeedToDo", "FreeSpeedEncoderPropagation", "FreeSpeedTGate")
 FAMILIES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 STACKED = "freespeed_max_speed_sd15"
 
@@ -271,6 +272,8 @@ def test_links_join_matching_types(host, name):
         out_t = output_types(s["type"])[sslot]
         d_inp = d["inputs"][dslot]
         in_t = {nm: k for nm, k, _, _ in input_specs(d["type"])}.get(d_inp["name"])
+        if in_t == "*":               # an any-type input (PreviewAny) takes what it is given
+            in_t = out_t
         if not (out_t == in_t == typ == d_inp["type"] == s["outputs"][sslot]["type"]):
             problems.append(f"link {lid}: {s['type']}[{sslot}] {out_t} -> {d['type']}.{d_inp['name']} {in_t} "
                             f"(link says {typ})")
@@ -289,8 +292,9 @@ def test_api_format_passes_host_validation(host, name):
     prompt = with_ckpt(ui_to_api(load(os.path.join(WORKFLOWS_DIR, name + ".json"))))
     ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(f"freespeed-wf-{name}", prompt, None))
     assert ok, f"{name}: {err} {node_errors}"
-    save = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
-    assert outputs == save, outputs
+    out_nodes = [k for k, v in prompt.items() if getattr(node_class(v["class_type"]), "OUTPUT_NODE", False)]
+    assert sorted(outputs) == sorted(out_nodes) and out_nodes, (outputs, out_nodes)
+    assert any(prompt[k]["class_type"] == "SaveImage" for k in outputs), outputs
 
 
 def test_every_freespeed_node_has_sd15_and_sdxl_workflows(host):
@@ -314,11 +318,10 @@ def test_every_freespeed_node_has_sd15_and_sdxl_workflows(host):
     assert not missing, f"FreeSpeed nodes without an SD1.5 and an SDXL workflow: {missing}"
     if gaps:
         print(f"known workflow gaps: {gaps}")
-    for fam in FAMILIES:     # the stacked workflow holds every technique that has workflows
-        stacked = {n["type"] for n in load(os.path.join(WORKFLOWS_DIR, f"freespeed_max_speed_{fam}.json"))["nodes"]}
-        for nid in ids:
-            if nid not in gaps:
-                assert nid in stacked, f"{nid} is missing from freespeed_max_speed_{fam}"
+    for fam in FAMILIES:     # the stacked workflows hold every stackable technique
+        stacked = [n["type"] for n in load(os.path.join(WORKFLOWS_DIR, f"freespeed_max_speed_{fam}.json"))["nodes"]
+                   if n["type"].startswith("FreeSpeed")]
+        assert stacked == list(STACKABLE), (fam, stacked)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -328,7 +331,11 @@ def test_workflow_uses_its_models_recommended_checkpoint(name):
     (ck,) = [n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple"]
     want = {"sd15": "v1-5", "sdxl": "sd_xl_base"}[fam]
     assert want in ck["widgets_values"][0], (name, ck["widgets_values"])
-    (lat,) = [n for n in wf["nodes"] if n["type"] == "EmptyLatentImage"]
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    (ks,) = [n for n in wf["nodes"] if n["type"] == "KSampler"]
+    lat_link = next(i["link"] for i in ks["inputs"] if i["name"] == "latent_image")
+    lat = by_id[next(ln for ln in wf["links"] if ln[0] == lat_link)[1]]
+    assert lat["type"] == "EmptyLatentImage", lat["type"]
     assert min(lat["widgets_values"][:2]) >= {"sd15": 512, "sdxl": 1024}[fam], lat["widgets_values"]
     assert any(n["type"] == "Note" and n["widgets_values"][0] for n in wf["nodes"]), "no settings note"
 
