@@ -77,6 +77,9 @@ try {
     await page.waitForTimeout(100);
     await page.screenshot({ path: shot });
     report.screenshots.push(shot);
+    // a template-browser thumbnail candidate (<name>.jpg next to the workflow)
+    await page.screenshot({ path: path.join(outDir, "workflows", `${name}.jpg`), type: "jpeg", quality: 70,
+                            clip: { x: 60, y: 80, width: 1540, height: 820 } });
   }
 
   // 2. the template browser's listing names them under the pack
@@ -138,6 +141,22 @@ try {
   const prev = path.join(outDir, "preview.png");
   await page.screenshot({ path: prev, clip });
   report.screenshots.push(prev);
+
+  // 5. the template browser: the pack's category lists the workflows
+  report.templateDialog = { error: null, text: "" };
+  try {
+    await page.evaluate(() => window.comfyAPI.app.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+    const dialog = page.locator(".p-dialog").last();
+    await dialog.waitFor({ state: "visible", timeout: 30000 });
+    await dialog.getByText(spec.pack, { exact: false }).first().click({ timeout: 30000 });
+    await page.waitForTimeout(1500);
+    report.templateDialog.text = (await dialog.innerText()).slice(0, 20000);
+    const tpl = path.join(outDir, "templates.png");
+    await page.screenshot({ path: tpl });
+    report.screenshots.push(tpl);
+  } catch (e) {
+    report.templateDialog.error = String(e).slice(0, 1000);
+  }
 } finally {
   await browser.close();
 }
