@@ -119,6 +119,43 @@ def _is_plain_forward(fn, module) -> bool:
     return getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is type(module).forward
 
 
+# bound the float32 temporaries of explicit attention: at most this many elements of a map at once
+TEMP_ELEMENTS = 2 ** 26       # 256 MB in float32
+
+
+def _row_chunk(batch: int, heads: int, n_query: int, n_key: int) -> int:
+    return max(1, min(n_query, TEMP_ELEMENTS // max(1, batch * heads * n_key)))
+
+
+def _explicit_attention(q, k, v, heads: int, map_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output in v's dtype, map [B, heads, Nq, Nk] in map_dtype); float32 softmax, queries in chunks so
+    that the float32 temporary stays bounded (the map itself is written straight into map_dtype)."""
+    b, nq, _ = q.shape
+    nk = k.shape[1]
+    step = _row_chunk(b, heads, nq, nk)
+    if step >= nq:
+        attn = attention_map(q, k, heads)
+        return attention_from_map(attn, v.float(), heads).to(v.dtype), attn.to(map_dtype)
+    amap = torch.empty((b, heads, nq, nk), dtype=map_dtype, device=q.device)
+    outs = []
+    vf = v.float()
+    for s in range(0, nq, step):
+        attn = attention_map(q[:, s:s + step], k, heads)
+        outs.append(attention_from_map(attn, vf, heads).to(v.dtype))
+        amap[:, :, s:s + step] = attn
+        del attn
+    return torch.cat(outs, dim=1), amap
+
+
+def _map_times_v(amap: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """map · V in v's dtype; the map is cast in query chunks when its dtype differs (bounded temporaries)."""
+    b, h, nq, nk = amap.shape
+    step = _row_chunk(b, h, nq, nk)
+    if amap.dtype == v.dtype or step >= nq:
+        return attention_from_map(amap, v, heads)
+    return torch.cat([attention_from_map(amap[:, :, s:s + step], v, heads) for s in range(0, nq, step)], dim=1)
+
+
 # ------------------------------------------------------------------------------------------------
 # the technique
 # ------------------------------------------------------------------------------------------------
@@ -236,13 +273,13 @@ class MapReuse(Technique):
         v = module.to_v(value)
         outs = []
         for (b, u, sl), key in zip(chunks, keys):
-            attn = attention_map(q[sl], k[sl], heads)          # fp32 softmax, one branch at a time
-            outs.append(attention_from_map(attn, v[sl].float(), heads).to(v.dtype))
-            if store.put(key, attn.to(self.dtype)):
+            out, amap = _explicit_attention(q[sl], k[sl], v[sl], heads, self.dtype)   # one branch at a time
+            outs.append(out)
+            if store.put(key, amap):
                 run.kept_shape[(site.path, b, u)] = (nq, nk)
             else:                                              # cannot happen after fits(); be safe
                 run.left_alone.add(site.path)
-            del attn
+            del amap
         run.count("keep_calls")
         return module.to_out(torch.cat(outs, dim=0) if len(outs) > 1 else outs[0])
 
@@ -263,7 +300,7 @@ class MapReuse(Technique):
             maps.append(m)
         v = module.to_v(value)
         heads = module.heads
-        outs = [attention_from_map(m, v[sl], heads) for m, (_, _, sl) in zip(maps, chunks)]
+        outs = [_map_times_v(m, v[sl], heads) for m, (_, _, sl) in zip(maps, chunks)]
         run.count("reuse_calls")
         run.reused_sites.add(site.path)
         return module.to_out(torch.cat(outs, dim=0) if len(outs) > 1 else outs[0])

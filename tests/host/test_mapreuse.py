@@ -439,3 +439,18 @@ def test_search_picks_a_schedule_no_worse_than_late(sd15):
     assert pct and "PSNR" in report
     sample(model, sd15, steps=steps)
     assert len(stats(model)["reuse_steps"]) == 2
+
+
+def test_explicit_attention_in_query_chunks_matches_whole(monkeypatch):
+    import comfyui_freespeed.nodes.mapreuse as mr
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 32, generator=g) * 3 for _ in range(3))
+    out1, m1 = mr._explicit_attention(q, k, v, 4, torch.float16)
+    r1 = mr._map_times_v(m1, v, 4)
+    monkeypatch.setattr(mr, "TEMP_ELEMENTS", 2 * 4 * 64 * 5)          # 5 query rows at a time
+    assert mr._row_chunk(2, 4, 64, 64) == 5
+    out2, m2 = mr._explicit_attention(q, k, v, 4, torch.float16)
+    r2 = mr._map_times_v(m2, v, 4)
+    assert m2.dtype == torch.float16 and m2.shape == (2, 4, 64, 64)
+    assert torch.allclose(out1, out2, atol=1e-5) and torch.allclose(m1.float(), m2.float(), atol=1e-3)
+    assert torch.allclose(r1, r2, atol=1e-5)
