@@ -82,3 +82,17 @@ def test_technique_with_lora_sag_pag(sd15, name, other, order):
     assert s["evaluations"] >= STEPS
     # the other patch still matters: without it, the same technique gives a different result
     assert not torch.equal(out, sample(apply(sd15.model), sd15, steps=STEPS)), f"{other} had no effect"
+
+
+@pytest.mark.parametrize("kw", [dict(denoise=0.5), dict(start_step=3, last_step=8)])
+def test_encoder_propagation_partial_runs(sd15, kw):
+    """denoise < 1 and a KSamplerAdvanced range: the run's own first step is a key step, decoder-only
+    steps follow the percent schedule, and the output stays finite."""
+    m = apply_encoder_propagation(sd15.model, EncoderPropagationConfig(schedule="every_k", every_k=2))
+    out = sample(m, sd15, steps=10, **kw)
+    assert torch.isfinite(out).all()
+    s = _stats(m, "freespeed.encoder_propagation")
+    n = 10 if "denoise" in kw else 5
+    assert s["evaluations"] == n and s["key_steps"] + s["decoder_only_steps"] == n
+    assert s["key_steps"] >= 1 and s["decoder_only_steps"] >= 1
+    assert not torch.equal(out, sample(sd15.model, sd15, steps=10, **kw))
