@@ -426,7 +426,10 @@ def _layer_inputs() -> list:
         io.Float.Input("cache_limit_mb", default=1024.0, min=0.0, max=1_000_000.0, step=64.0,
                        tooltip="Byte budget of the map cache, in MB (0 = unlimited). Layers whose maps would not fit "
                                "are computed normally and counted in the stats; nothing is evicted."),
-        io.Boolean.Input("fp16_maps", default=True, tooltip="Keep the maps in fp16 (half the memory of fp32)."),
+        io.Boolean.Input("fp16_maps", default=True,
+                         tooltip="Keep the maps in fp16 (half the memory of fp32). With an fp32 model (CPU) every "
+                                 "reuse then converts the maps back to fp32, which costs about what reuse saves: "
+                                 "turn this off there if memory allows."),
         io.Boolean.Input("cache_on_cpu", default=False,
                          tooltip="Keep the maps in CPU memory (saves VRAM, costs a copy per layer and reuse step)."),
     ]
