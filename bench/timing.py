@@ -21,51 +21,16 @@ that does not scale with Nk, only lower the measured ratio.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
-BASE = "base"
-PATCHED = "patched"
+# the pure timing functions live in the pack's core (shared with the FreeSpeed Benchmark node)
+from .host import register_package
 
-
-def interleaved_order(repeats: int, labels: Sequence[str] = (BASE, PATCHED), warmup: int = 1) -> list[tuple[str, bool]]:
-    """The run order: ``warmup`` rounds then ``repeats`` rounds, each round one run of every label.
-
-    Returns ``(label, is_warmup)`` pairs, e.g. repeats=2, warmup=1 →
-    base*, patched*, base, patched, base, patched (``*`` = warm-up, not measured).
-    """
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
-    if warmup < 0:
-        raise ValueError("warmup must be >= 0")
-    out = [(lb, True) for _ in range(warmup) for lb in labels]
-    out += [(lb, False) for _ in range(repeats) for lb in labels]
-    return out
-
-
-def median(xs: Iterable[float]) -> float:
-    xs = list(xs)
-    if not xs:
-        raise ValueError("median of no timings")
-    return float(statistics.median(xs))
-
-
-def split_runs(runs: Iterable[tuple[str, float]]) -> dict[str, list[float]]:
-    """Group ``(label, seconds)`` measurements by label, keeping their order."""
-    out: dict[str, list[float]] = {}
-    for label, secs in runs:
-        out.setdefault(label, []).append(float(secs))
-    return out
-
-
-def speed_ratio(base_times: Sequence[float], patched_times: Sequence[float]) -> float:
-    """``median(base) / median(patched)`` (> 1: the patched model is faster)."""
-    p = median(patched_times)
-    if p <= 0:
-        raise ValueError("patched median time must be > 0")
-    return median(base_times) / p
+register_package()
+from comfyui_freespeed.core.measure import (BASE, PATCHED, interleaved_order, median, speed_ratio,  # noqa: F401,E402
+                                            split_runs)
 
 
 def ratio_from_runs(runs: Iterable[tuple[str, float]], base: str = BASE, patched: str = PATCHED) -> float:
