@@ -140,9 +140,9 @@ class DSAP:
 
     ``early_end = 0`` disables DSAP (the target ratio from the first step).
     """
-    ratio: float = 0.6
+    ratio: float = 0.7
     early_end: float = 0.3
-    early_scale: float = 0.5
+    early_scale: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:

@@ -32,9 +32,11 @@ batch stays one tensor).
 
 DSAP (Sec. 3.3), in percent of denoising: before ``dsap_end`` the first attention block of each
 down stage and the last of each up stage are not pruned and the other stacks use
-``ratio * early_scale``; after it every chosen stack prunes ``ratio``.  *Choice:* the paper's
+``ratio * early_scale``; after it every chosen stack prunes ``ratio``.  *Choices:* the paper's
 schedule is given in steps of its 50-step sampler; percent of denoising keeps the same shape at
-any step count.
+any step count.  Defaults ratio 0.7, DSAP until 30%, early_scale 1 (the paper's DSAP: only the
+stage-edge blocks are spared early) give 39% fewer FLOPs on SDXL at 1024² over 25 steps by this
+node's counter (6.76 -> 4.12 TFLOPs per evaluation and sample; paper: 6.7 -> 4.1, 38.8%).
 
 FLOPs: every model call adds the full and the actual FLOPs of the UNet (transformer layers per
 layer and token count: attention and FF; convolutions and the stacks' in/out projections from
@@ -85,9 +87,9 @@ MAX_CALL_LOG = 20000
 
 @dataclass(frozen=True)
 class ATEDMConfig:
-    ratio: float = 0.6                 # target pruning ratio (fraction of tokens removed)
+    ratio: float = 0.7                 # target pruning ratio (fraction of tokens removed)
     dsap_end: float = 0.3              # percent of denoising where DSAP's early phase ends
-    early_scale: float = 0.5           # early-phase ratio of non-edge stacks, as a fraction of `ratio`
+    early_scale: float = 1.0           # early-phase ratio of non-edge stacks, as a fraction of `ratio`
     levels: tuple = (1, 2)             # attention levels whose stacks are pruned
     iterations: int = 5                # G-WPR power iterations
 
@@ -499,15 +501,16 @@ class ATEDMNode(io.ComfyNode):
                          "convolutions. DSAP prunes less in early steps. Paper: 38.8% fewer FLOPs on SDXL."),
             inputs=[
                 io.Model.Input("model"),
-                io.Float.Input("ratio", default=0.6, min=0.0, max=0.95, step=0.05,
+                io.Float.Input("ratio", default=0.7, min=0.0, max=0.95, step=0.05,
                                tooltip="Target pruning ratio: the fraction of tokens removed after the pruning "
                                        "layer of each stack. 0 = off (the unpatched model exactly)."),
                 io.Float.Input("dsap_end_percent", default=0.3, min=0.0, max=1.0, step=0.01,
                                tooltip="DSAP: until this percent of denoising the first/last attention block of "
                                        "each stage is not pruned and the others prune ratio × early_scale "
                                        "(attention maps vary most early). 0 = no DSAP."),
-                io.Float.Input("early_scale", default=0.5, min=0.0, max=1.0, step=0.05,
-                               tooltip="DSAP: the early-phase ratio of non-edge stacks, as a fraction of ratio."),
+                io.Float.Input("early_scale", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="DSAP: the early-phase ratio of the other stacks, as a fraction of ratio (1 = the paper's "
+                                       "DSAP: only the stage-edge blocks are spared early; lower = prune less early)."),
                 io.Combo.Input("levels", options=list(LEVEL_CHOICES), default="1+2",
                                tooltip="Attention levels whose stacks are pruned (1 = highest resolution with "
                                        "attention: 64x64 tokens for SD1.5 at 512² and SDXL at 1024²)."),

@@ -10,7 +10,7 @@ plain text and plain dicts, so every rule here is unit-tested without a host
 Segments are ``{"start", "end", "kind", "label"}`` with ``start``/``end`` fractions of the run
 (0 = first step, 1 = end of denoising).  Step-based techniques (T-GATE, Encoder Propagation) give
 step ``i`` of ``n`` the span ``[i/n, (i+1)/n]``; ToDo's window is given in percent of denoising
-and is drawn at those percents.  Kinds, as the web extension colours them:
+and is drawn at those percents, as is AT-EDM's DSAP phase.  Kinds, as the web extension colours them:
 
 * ``"full"``   -- the model runs as usual (before T-GATE's gate, outside ToDo's window);
 * ``"active"`` -- the technique is saving work there (gated, downsampled, decoder-only);
@@ -225,6 +225,41 @@ def _mapreuse(s: dict) -> tuple[str, list[Segment], Optional[float]]:
 
 
 # ------------------------------------------------------------------------------------------------
+# AT-EDM
+# ------------------------------------------------------------------------------------------------
+def _atedm(s: dict) -> tuple[str, list[Segment], Optional[float]]:
+    ratio = _num(s, "ratio")
+    pruned = _int(s, "stack_calls_pruned")
+    dsap = _num(s, "dsap_end_pct")
+    parts = []
+    if ratio <= 0:
+        parts.append("ratio 0: nothing pruned")
+    else:
+        toks = s.get("kept_tokens") or {}
+        lv = ", ".join(f"{k.replace('level', 'L')} {v.replace('->', '→')}" for k, v in sorted(toks.items()))
+        parts.append(f"prune {ratio * 100:g}%" + (f" ({lv} tok)" if lv else ""))
+        parts.append(f"{pruned} stack calls pruned")
+        if pruned:
+            parts.append(f"tokens kept {_pct(_num(s, 'tokens_kept_pct', 100))}")
+            parts.append(f"FLOPs −{_pct(_num(s, 'flops_saved_pct'))}")
+        left = (_int(s, "stack_calls_left_kv_changed") + _int(s, "stack_calls_left_foreign_attn1")
+                + _int(s, "stack_calls_left_no_map"))
+        if left:
+            parts.append(f"{left} left alone")
+        if dsap > 0:
+            parts.append(f"DSAP to {dsap:g}%")
+    segs: list[Segment] = []
+    if ratio <= 0:
+        segs.append(_seg(0, 1, "full", "not pruned"))
+    else:
+        if dsap > 0:
+            segs.append(_seg(0, dsap / 100, "active", "DSAP: pruning less"))
+        if dsap < 100:
+            segs.append(_seg(dsap / 100, 1, "active", "pruned"))
+    return SEP.join(parts), segs, None
+
+
+# ------------------------------------------------------------------------------------------------
 # anything else (a technique without a rule here yet)
 # ------------------------------------------------------------------------------------------------
 _SKIP = {"technique", "model", "evaluations", "extra_evaluations", "steps", "wall_s"}
@@ -249,6 +284,7 @@ RULES: dict[str, Callable[[dict], tuple[str, list[Segment], Optional[float]]]] =
     "T-GATE": _tgate,
     "Encoder Propagation": _propagation,
     "Attention Map Reuse": _mapreuse,
+    "AT-EDM": _atedm,
 }
 
 

@@ -150,3 +150,31 @@ def test_unknown_technique_and_garbage_never_raise():
 @pytest.mark.parametrize("stats", [tgate_stats(), todo_stats(), prop_stats()])
 def test_annotation_is_json(stats):
     json.dumps(readout.annotate(stats))
+
+
+def atedm_stats(**kw):
+    s = {"technique": "AT-EDM", "model": "SDXL", "evaluations": 25, "extra_evaluations": 0, "steps": 25,
+         "wall_s": 9.5, "stack_calls_full": 32, "stack_calls_pruned": 243, "stack_calls_left_kv_changed": 0,
+         "stack_calls_left_foreign_attn1": 0, "stack_calls_left_no_map": 0, "attn2_full_grid_calls": 0,
+         "gflops_per_eval_full": 13520.0, "gflops_per_eval_run": 8240.0, "flops_saved_pct": 39.1,
+         "attn_ff_saved_pct": 52.0, "tokens_kept_pct": 30.0, "kept_tokens": {"level1": "4096->1229",
+                                                                              "level2": "1024->307"},
+         "ratio": 0.7, "dsap_end_pct": 30.0, "early_scale": 1.0, "levels": [1, 2], "stacks": 11}
+    s.update(kw)
+    return s
+
+
+def test_atedm_readout_and_dsap_segments():
+    out = readout.annotate(atedm_stats())
+    text = out["readout"]
+    assert text.startswith("prune 70% (L1 4096→1229, L2 1024→307 tok) · 243 stack calls pruned · tokens kept 30%"
+                           " · FLOPs −39.1% · DSAP to 30%"), text
+    assert out["speedup_est"] is None and text.endswith("9.50 s")
+    covers_unit_interval(out["segments"])
+    assert [(s["kind"], s["start"], s["end"]) for s in out["segments"]] == [("active", 0.0, 0.3), ("active", 0.3, 1.0)]
+    off = readout.annotate(atedm_stats(ratio=0.0, stack_calls_pruned=0, kept_tokens={}))
+    assert off["readout"].startswith("ratio 0: nothing pruned") and [s["kind"] for s in off["segments"]] == ["full"]
+    left = readout.readout(atedm_stats(stack_calls_left_kv_changed=5, dsap_end_pct=0.0))
+    assert "5 left alone" in left and "DSAP" not in left
+    assert readout.segments(atedm_stats(dsap_end_pct=0.0)) == [
+        {"start": 0.0, "end": 1.0, "kind": "active", "label": "pruned"}]
