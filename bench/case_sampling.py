@@ -10,6 +10,8 @@ embeddings.  Defaults per technique are the papers' settings:
 
 * ``tgate``: 25 steps, CFG 7, euler / normal, gate at 40% of denoising (step 10 of 25).  Base = 25
   forwards of batch 2; T-GATE = 10 of batch 2, then 15 of batch 1 without cross-attention.
+* ``atedm``: 25 steps, CFG 7, euler / normal, the node's defaults (ratio 0.7, DSAP until 30%); the
+  result also carries the node's FLOPs saving (``flops_saved_pct``, explicit-map cost in the time).
 * ``encprop`` (Faster Diffusion): DDIM 50 steps (``ddim_uniform``), CFG 7.5, the paper's "50ls" key
   steps, 4 steps decoded in parallel, prior noise injection 0.003.
 
@@ -36,8 +38,10 @@ DEFAULTS = {
     "tgate": dict(steps=25, cfg=7.0, sampler="euler", scheduler="normal"),
     "encprop": dict(steps=50, cfg=7.5, sampler="ddim", scheduler="ddim_uniform"),
     "mapreuse": dict(steps=20, cfg=7.0, sampler="euler", scheduler="normal"),
+    "atedm": dict(steps=25, cfg=7.0, sampler="euler", scheduler="normal"),
 }
-KEYS = {"tgate": "freespeed.tgate", "encprop": "freespeed.encoder_propagation", "mapreuse": "freespeed.mapreuse"}
+KEYS = {"tgate": "freespeed.tgate", "encprop": "freespeed.encoder_propagation", "mapreuse": "freespeed.mapreuse",
+        "atedm": "freespeed.atedm"}
 
 
 def apply_technique(technique: str, model, gate: float = 0.4, max_parallel: int = 4):
@@ -51,6 +55,9 @@ def apply_technique(technique: str, model, gate: float = 0.4, max_parallel: int 
     if technique == "mapreuse":    # the node's defaults: late schedule from 50%, fp16 maps, 1024 MB budget
         from comfyui_freespeed.nodes.mapreuse import MapReuseConfig, apply_mapreuse
         return apply_mapreuse(model, MapReuseConfig())
+    if technique == "atedm":       # the node's defaults: ratio 0.7, DSAP until 30%, attention levels 1+2
+        from comfyui_freespeed.nodes.atedm import ATEDMConfig, apply_atedm
+        return apply_atedm(model, ATEDMConfig())
     raise ValueError(f"unknown technique {technique!r}; expected one of {', '.join(DEFAULTS)}")
 
 
@@ -141,6 +148,8 @@ def run_sampling_speed(technique: str, model_name: str, resolution: int, steps: 
         "model_time_ratio": (round(timing.median(model_time[timing.BASE]) / timing.median(model_time[timing.PATCHED]), 3)
                              if technique != "encprop" else None),
         "unet_batches": {k: _runs(v) for k, v in batches.items()},
+        # AT-EDM: the node's own FLOPs counter (whole UNet, pruning overhead included), vs the paper's 38.8%
+        "flops_saved_pct": (stats or {}).get("flops_saved_pct") if technique == "atedm" else None,
         "stats": stats,
     }
 
@@ -158,7 +167,7 @@ def _runs(xs: list[int]) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.case_sampling",
-                                description="T-GATE / Encoder Propagation end-to-end speed vs unpatched")
+                                description="T-GATE / Encoder Propagation / Map Reuse / AT-EDM end-to-end speed vs unpatched")
     p.add_argument("--technique", default="tgate", choices=list(DEFAULTS))
     p.add_argument("--model", default="sd15", choices=["sd15", "sdxl"])
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
