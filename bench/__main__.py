@@ -1,13 +1,16 @@
 """``python -m bench`` — FreeSpeed's benchmark CLI.
 
-Built-in default (what ``make bench`` runs): ToDo factor 2 at attention level 1 against the
-unpatched model on the full-size SD1.5 UNet (random weights) at 1024² (128×128 latent), one model
-evaluation with CFG (UNet batch 2), with ComfyUI's SDPA attention and with its CPU default
-(sub-quadratic), on CUDA when available else CPU.  Prints a table (attention share, ideal ratio,
-measured ratio per kernel) and writes ``bench/out/speed.json`` and ``bench/out/speed.md``.
+Built-in default (what ``make bench`` runs): the suite (:mod:`bench.suite`) on the fixture model
+trained here (``bench/fixture.py``): baseline, every FreeSpeed node at its defaults, a stacked
+preset, fewer-steps runs and ComfyUI's built-in peers (TomePatchModel, HyperTile, EasyCache),
+20 steps euler, CFG 5, one sample per fixture prompt (batch 4), interleaved rounds fitted to
+``--budget``.  Prints the table (wall time, ratio, PSNR/SSIM against the full run, peak memory,
+the node's own stats, the fewer-steps run of equal time) and writes ``bench/out/suite.{json,md,png}``.
+``--model sd15|sdxl`` runs the full-size architectures (random weights: speed only),
+``--model PATH`` a checkpoint.
 
-On CPU the number of interleaved rounds is chosen to fit ``--budget`` seconds (default 420 s, the
-whole default run is meant to finish within 10 minutes on 2 cores); ``--repeats N`` fixes it.
+``python -m bench speed [...]``: the attention-kernel measurement of ToDo (attention share, ideal
+and measured ratio per kernel, one model evaluation; ``python -m bench speed --help``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import time
 from typing import Optional
 
 from . import host
+
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 log = logging.getLogger("FreeSpeed.bench")
 
@@ -35,10 +40,12 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return w, h
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_speed_parser() -> argparse.ArgumentParser:
     from .models import PUBLIC_MODELS, SPECS
     from .techniques import TECHNIQUES
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="python -m bench speed",
+                                description="ToDo's attention-kernel measurement: attention share, ideal and measured "
+                                            "ratio per kernel, one model evaluation of the full-size architecture.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--technique", choices=sorted(TECHNIQUES), default="todo", help="technique to measure")
     p.add_argument("--model", choices=list(SPECS), default="sd15", metavar="{" + ",".join(PUBLIC_MODELS) + "}",
@@ -91,23 +98,106 @@ def _cuda_available() -> bool:
         return False
 
 
-def main(argv: Optional[list] = None) -> int:
-    t_start = time.perf_counter()
-    # parse first: ComfyUI's flags (--cpu) must be set before comfy.model_management is imported
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's options (the default job)."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="python -m bench speed --help: ToDo's attention-kernel measurement")
+    p.add_argument("--model", default="fixture",
+                   help="fixture (trained here), sd15 / sdxl (full-size, random weights: speed only) or a checkpoint path")
+    p.add_argument("--resolution", type=parse_resolution, default=None, metavar="PIXELS",
+                   help="image size, e.g. 512 or 768x512 (default: fixture 128, sd15 512, sdxl 1024)")
+    p.add_argument("--batch", type=int, default=4, help="latent batch (fixture: one sample per prompt)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default="normal")
+    p.add_argument("--cfg", type=float, default=0.0, help="CFG scale (0: fixture 5, others 7)")
+    p.add_argument("--rows", default="", help="comma-separated rows (default all): " + ", ".join(_row_names()))
+    p.add_argument("--fewer-steps", default="", help="comma-separated step counts for the fewer-steps curve "
+                                                     "(default: 6 counts from steps/4 to steps-1)")
+    p.add_argument("--repeats", type=int, default=0, help="interleaved rounds; 0 = fit --budget")
+    p.add_argument("--max-repeats", type=int, default=5)
+    p.add_argument("--budget", type=float, default=360.0, help="seconds the automatic round count aims to fit in")
+    p.add_argument("--attention", choices=("default", "pytorch"), default="default",
+                   help="default = ComfyUI's choice (sub-quadratic on CPU), pytorch = SDPA")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default bench/out)")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    return p
+
+
+def _row_names() -> list[str]:
+    return ["todo", "tgate", "encprop", "mapreuse", "atedm", "stacked", "tome", "hypertile", "easycache"]
+
+
+def _csv(text: str) -> Optional[list]:
+    return [t.strip() for t in text.split(",") if t.strip()] or None
+
+
+def suite_options(a: argparse.Namespace):
+    from .suite import SuiteOptions
+    w, h = a.resolution or (0, 0)
+    fewer = _csv(a.fewer_steps)
+    return SuiteOptions(model=a.model, width=w, height=h, batch=a.batch, steps=a.steps, sampler=a.sampler,
+                        scheduler=a.scheduler, cfg=a.cfg, rows=_csv(a.rows),
+                        fewer_steps=[int(x) for x in fewer] if fewer else None, repeats=a.repeats,
+                        max_repeats=a.max_repeats, budget_s=a.budget, device=a.device, dtype=a.dtype,
+                        attention=a.attention, seed=a.seed)
+
+
+def _setup(argv, pytorch_attention: bool = False):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--device", default="auto")
+    pre.add_argument("--attention", default="")
     pre.add_argument("-q", "--quiet", action="store_true")
     known, _ = pre.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING if known.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     device = known.device if known.device != "auto" else ("cuda" if _cuda_available() else "cpu")
+    host_path = host.setup(device=device, pytorch_attention=pytorch_attention or known.attention == "pytorch")
+    log.info("ComfyUI host: %s", host_path)
+
+
+def main(argv: Optional[list] = None) -> int:
+    t_start = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "speed":
+        return main_speed(argv[1:], t_start)
+    if "-h" in argv or "--help" in argv:
+        build_parser().parse_args(argv)
+    # ComfyUI's flags (--cpu, SDPA) must be set before comfy.model_management is imported
     try:
-        host_path = host.setup(device=device)
+        _setup(argv)
     except host.HostNotFound as e:
         log.error("%s", e)
         return 2
-    log.info("ComfyUI host: %s", host_path)
     args = build_parser().parse_args(argv)
+    from . import suite_report
+    from .suite import run_suite
+    try:
+        doc = run_suite(suite_options(args), t_start=t_start)
+    except (ValueError, FileNotFoundError) as e:
+        log.error("bench: %s", e)
+        return 1
+    print(suite_report.terminal(doc), flush=True)
+    if not args.no_write:
+        for path in suite_report.write(doc, args.out or OUT_DIR):
+            log.info("wrote %s", os.path.relpath(path))
+    return 0
+
+
+def main_speed(argv: list, t_start: float) -> int:
+    if "-h" in argv or "--help" in argv:
+        build_speed_parser().parse_args(argv)
+    try:
+        _setup(argv)
+    except host.HostNotFound as e:
+        log.error("%s", e)
+        return 2
+    args = build_speed_parser().parse_args(argv)
     from . import report
     from .speed import BenchError, run_speed
     opts = options_from_args(args)

@@ -142,6 +142,17 @@ def ssim(x: torch.Tensor, reference: torch.Tensor, peak: Optional[float] = None,
 # ------------------------------------------------------------------------------------------------
 # fewer steps at the same wall time
 # ------------------------------------------------------------------------------------------------
+def fewer_steps_counts(steps: int, n: int = 6) -> list[int]:
+    """Step counts for a fewer-steps curve: up to ``n`` counts spread over [steps/4, steps − 1]."""
+    if steps < 3 or n < 1:
+        return []
+    lo = max(2, round(steps / 4))
+    hi = steps - 1
+    if hi <= lo or n == 1:
+        return [lo]
+    return sorted({round(lo + (hi - lo) * i / (n - 1)) for i in range(n)})
+
+
 def match_fewer_steps(step_times: Mapping[int, float], target_s: float) -> Optional[int]:
     """The largest step count whose measured time is at most ``target_s`` (the accelerated row's
     time): the fewer-steps run a user could afford instead.  ``None`` if even the cheapest is slower.
@@ -165,4 +176,4 @@ def interpolate_curve(points: Sequence[tuple[float, float]], x: float) -> Option
 
 
 __all__ = ["BASE", "PATCHED", "interleaved_order", "median", "split_runs", "speed_ratio", "data_range", "psnr",
-           "ssim", "match_fewer_steps", "interpolate_curve"]
+           "ssim", "fewer_steps_counts", "match_fewer_steps", "interpolate_curve"]

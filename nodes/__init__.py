@@ -6,13 +6,14 @@ from typing_extensions import override
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .atedm import ATEDMNode
+from .benchmark import BenchmarkNode
 from .encoder_propagation import EncoderPropagationNode
 from .mapreuse import MapReuseNode, MapReuseSearchNode
 from .tgate import TGateNode
 from .todo import ToDoNode
 
 NODES: list[type[io.ComfyNode]] = [ToDoNode, TGateNode, EncoderPropagationNode, MapReuseNode, MapReuseSearchNode,
-                                   ATEDMNode]
+                                   ATEDMNode, BenchmarkNode]
 
 
 class FreeSpeedExtension(ComfyExtension):

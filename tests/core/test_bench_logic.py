@@ -156,3 +156,23 @@ def test_tables_show_the_three_figures(tmp_path):
     assert md.count("\n| ") >= 2 and "| SDPA (pytorch) |" in md
     paths = report.write(doc, str(tmp_path / "a" / "speed.json"), str(tmp_path / "speed.md"))
     assert len(paths) == 2 and json.load(open(paths[0]))["technique"] == "todo"
+
+
+# -- the suite's fewer-steps comparison ------------------------------------------------------------
+def test_suite_compares_each_row_with_the_fewer_steps_run_of_equal_time():
+    from bench.suite import compare_with_fewer_steps
+    rows = [{"name": "baseline", "kind": "baseline", "steps": 20, "median_s": 2.0, "psnr_db": math.inf},
+            {"name": "fast", "kind": "freespeed", "steps": 20, "median_s": 1.05, "psnr_db": 30.0},
+            {"name": "close", "kind": "freespeed", "steps": 20, "median_s": 1.6, "psnr_db": 25.0},
+            {"name": "fastest", "kind": "peer", "steps": 20, "median_s": 0.2, "psnr_db": 10.0},
+            {"name": "broken", "kind": "freespeed", "steps": 20, "error": "refused"},
+            {"name": "steps5", "kind": "fewer_steps", "steps": 5, "median_s": 0.5, "psnr_db": 18.0},
+            {"name": "steps10", "kind": "fewer_steps", "steps": 10, "median_s": 1.0, "psnr_db": 24.0},
+            {"name": "steps15", "kind": "fewer_steps", "steps": 15, "median_s": 1.5, "psnr_db": 28.0}]
+    compare_with_fewer_steps(rows)
+    by = {r["name"]: r for r in rows}
+    assert by["fast"]["fewer_steps_match"]["steps"] == 10 and by["fast"]["beats_fewer_steps"] is True
+    assert by["close"]["fewer_steps_match"]["steps"] == 15 and by["close"]["beats_fewer_steps"] is False
+    assert by["fastest"]["fewer_steps_match"] is None and by["fastest"]["beats_fewer_steps"] is None
+    assert "fewer_steps_match" not in by["broken"] and "fewer_steps_match" not in by["baseline"]
+    assert "fewer_steps_match" not in by["steps10"]

@@ -97,3 +97,12 @@ def test_timing_helpers_are_the_benchs():
     assert measure.speed_ratio([2.0, 4.0, 3.0], [1.0, 1.5, 2.0]) == pytest.approx(2.0)
     with pytest.raises(ValueError):
         measure.speed_ratio([1.0], [0.0])
+
+
+def test_fewer_steps_counts_spread_below_the_full_count():
+    c = measure.fewer_steps_counts(20)
+    assert len(c) == 6 and c[0] == 5 and c[-1] == 19 and all(a < b for a, b in zip(c, c[1:]))
+    assert measure.fewer_steps_counts(20, n=3) == [5, 12, 19]
+    assert all(c < 8 for c in measure.fewer_steps_counts(8))
+    assert measure.fewer_steps_counts(2) == []
+    assert measure.fewer_steps_counts(4) == [2, 3]

@@ -1,0 +1,220 @@
+"""FreeSpeed Benchmark: time an original MODEL against a FreeSpeed-patched one on the user's own
+checkpoint and device, and show what the speed costs in fidelity.
+
+Both models sample the same latent from the same noise with the same conditioning (what KSampler
+runs: ``comfy.sample.sample``).  Every row is first sampled once (warm-up; its output is the one
+compared), then ``repeats`` interleaved rounds are timed (each round runs every row once, so slow
+drifts of the machine hit all rows alike).  Reported per row: median wall time, speed ratio against
+the original (medians of the same rounds), PSNR/SSIM of the final latent against the original's
+(:mod:`..core.measure`; latents, not decoded images: no VAE needed) and the FreeSpeed nodes' own
+run stats.  With ``fewer_steps`` on, the original is also timed at fewer steps: the fair
+comparison (is the patched model closer to the full run than the original with the steps it could
+afford in the same time?).  Outputs: a picture (table + speed-vs-fidelity plot) and the table as
+markdown.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension as pe
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+from comfy_api.v0_0_2 import io
+
+from ..core import charts, measure
+from .hooks import CATEGORY
+
+logger = logging.getLogger("FreeSpeed")
+
+
+def freespeed_stats(model) -> list[tuple[str, dict]]:
+    """(technique name, last run stats) of every FreeSpeed technique installed on ``model``."""
+    out = []
+    for key, fns in (model.wrappers.get(pe.WrappersMP.OUTER_SAMPLE) or {}).items():
+        if not str(key).startswith("freespeed"):
+            continue
+        for fn in fns:
+            owner = getattr(fn, "__self__", None)
+            if owner is not None and getattr(owner, "last_stats", None):
+                out.append((owner.name, dict(owner.last_stats)))
+    return out
+
+
+def _readout(stats: dict) -> str:
+    try:
+        from .readout import readout
+        return readout(stats)
+    except Exception:
+        return ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float)))[:80]
+
+
+def run_benchmark(model, patched, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
+                  sampler_name: str, scheduler: str, repeats: int = 2, fewer_steps: bool = True,
+                  denoise: float = 1.0) -> dict:
+    """Time and compare; returns the result document (rows with times, ratio, PSNR, SSIM, stats)."""
+    if steps < 1:
+        raise ValueError("FreeSpeed Benchmark: steps must be >= 1")
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    noise_mask = latent.get("noise_mask")
+    rows: list[dict[str, Any]] = [{"name": "original", "model": model, "steps": steps, "kind": "baseline"},
+                                  {"name": "patched", "model": patched, "steps": steps, "kind": "patched"}]
+    if fewer_steps:
+        rows += [{"name": f"original, {s} steps", "model": model, "steps": s, "kind": "fewer_steps"}
+                 for s in measure.fewer_steps_counts(steps, n=3)]
+    pbar = comfy.utils.ProgressBar(len(rows) * (1 + repeats))
+    device = comfy.model_management.get_torch_device()
+    cuda = getattr(device, "type", "") == "cuda"
+
+    def sample(r: dict):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = comfy.sample.sample(r["model"], noise, r["steps"], cfg, sampler_name, scheduler, positive, negative,
+                                  latent_image, denoise=denoise, noise_mask=noise_mask, seed=seed,
+                                  disable_pbar=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        pbar.update(1)
+        return out, time.perf_counter() - t0
+
+    for r in rows:                                   # warm-up: loads models, gives the compared outputs
+        out, _ = sample(r)
+        r["out"] = out.float().cpu()
+        if r["kind"] == "patched":
+            r["stats"] = freespeed_stats(patched)
+        r["times"] = []
+    for lbl, _ in measure.interleaved_order(repeats, labels=tuple(range(len(rows))), warmup=0):
+        _, secs = sample(rows[lbl])
+        rows[lbl]["times"].append(secs)
+    ref = rows[0]["out"]
+    base = measure.median(rows[0]["times"])
+    doc_rows = []
+    for r in rows:
+        med = measure.median(r["times"])
+        p = measure.psnr(r["out"], ref)
+        doc_rows.append({"name": r["name"], "kind": r["kind"], "steps": r["steps"], "times_s": r["times"],
+                         "median_s": med, "ratio": base / med, "psnr_db": p, "ssim": measure.ssim(r["out"], ref),
+                         "stats": r.get("stats", [])})
+    patched_row = doc_rows[1]
+    fewer = {r["steps"]: r for r in doc_rows if r["kind"] == "fewer_steps"}
+    match = measure.match_fewer_steps({s: r["median_s"] for s, r in fewer.items()}, patched_row["median_s"])
+    patched_row["fewer_steps_match"] = match
+    patched_row["beats_fewer_steps"] = None if match is None else patched_row["psnr_db"] > fewer[match]["psnr_db"]
+    return {"rows": doc_rows, "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler,
+            "seed": seed, "repeats": repeats, "device": str(device), "latent": list(latent_image.shape)}
+
+
+def _fmt_psnr(v: float) -> str:
+    return "ref" if not math.isfinite(v) else f"{v:.2f}"
+
+
+def table_rows(doc: dict) -> list[list[str]]:
+    out = []
+    for r in doc["rows"]:
+        stats = "; ".join(f"{name}: {_readout(s)}" for name, s in r["stats"]) if r["stats"] else ""
+        out.append([r["name"], str(r["steps"]), f"{r['median_s']:.2f}", f"{r['ratio']:.2f}x", _fmt_psnr(r["psnr_db"]),
+                    f"{r['ssim']:.3f}", stats[:90]])
+    return out
+
+
+HEADER = ["row", "steps", "median s", "ratio", "PSNR dB", "SSIM", "FreeSpeed stats"]
+
+
+def verdict(doc: dict) -> str:
+    p = doc["rows"][1]
+    if p.get("beats_fewer_steps") is None:
+        if any(r["kind"] == "fewer_steps" for r in doc["rows"]):
+            return f"patched: {p['ratio']:.2f}x, faster than every fewer-steps run measured"
+        return f"patched: {p['ratio']:.2f}x"
+    m = p["fewer_steps_match"]
+    word = "closer to the full run than" if p["beats_fewer_steps"] else "further from the full run than"
+    return f"patched: {p['ratio']:.2f}x, {word} the original with {m} steps (same or less time)"
+
+
+def markdown(doc: dict) -> str:
+    head = "| " + " | ".join(HEADER) + " |"
+    sep = "|" + "|".join(["---"] + ["---:"] * 5 + ["---"]) + "|"
+    body = ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in table_rows(doc)]
+    return "\n".join([head, sep, *body, "", f"- {verdict(doc)}",
+                      f"- {doc['steps']} steps {doc['sampler']}/{doc['scheduler']}, CFG {doc['cfg']:g}, seed "
+                      f"{doc['seed']}, latent {'x'.join(str(v) for v in doc['latent'])}, {doc['repeats']} interleaved "
+                      f"round(s) after a warm-up, {doc['device']}; PSNR/SSIM of the final latents against the original"])
+
+
+def picture(doc: dict) -> torch.Tensor:
+    """The table and the speed-vs-fidelity plot as a ComfyUI IMAGE (1, H, W, 3) in [0, 1]."""
+    title = (f"FreeSpeed Benchmark: {doc['steps']} steps {doc['sampler']}, CFG {doc['cfg']:g}, "
+             f"latent {'x'.join(str(v) for v in doc['latent'])}, {doc['device']}")
+    table = charts.text_table(HEADER, table_rows(doc), title=title, notes=[verdict(doc)])
+    pts = [{"label": r["name"], "x": r["ratio"], "y": r["psnr_db"]} for r in doc["rows"] if r["kind"] == "patched"]
+    curve = [(r["ratio"], r["psnr_db"], f"{r['steps']} st") for r in doc["rows"] if r["kind"] == "fewer_steps"]
+    plot = charts.speed_fidelity_plot(pts, curve, size=(max(table.width, 700), 420))
+    img = charts.stack_images([table, plot])
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]
+
+
+class BenchmarkNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FreeSpeedBenchmark",
+            display_name="FreeSpeed Benchmark",
+            category=CATEGORY,
+            description=("Times the original MODEL against a FreeSpeed-patched one (same noise, conditioning and "
+                         "latent; interleaved repeats) and compares their outputs (PSNR/SSIM of the final latents), "
+                         "with the original at fewer steps as the fair comparison. Outputs a table + plot image."),
+            inputs=[
+                io.Model.Input("model", tooltip="The original MODEL (what goes into the FreeSpeed node)."),
+                io.Model.Input("patched_model", tooltip="The MODEL out of the FreeSpeed node(s)."),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                io.Int.Input("repeats", default=2, min=1, max=20,
+                             tooltip="Timed interleaved rounds after the warm-up (medians are compared)."),
+                io.Boolean.Input("fewer_steps", default=True,
+                                 tooltip="Also time the original at 3 fewer step counts: the fair comparison."),
+            ],
+            outputs=[io.Image.Output(display_name="report"), io.String.Output(display_name="markdown")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None):
+        # ComfyUI 0.3.64 does not check V3 combo values itself
+        if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+            return f"unknown sampler {sampler_name!r}"
+        if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+            return f"unknown scheduler {scheduler!r}"
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")           # timings are measurements: never serve them from the cache
+
+    @classmethod
+    def execute(cls, model, patched_model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
+                scheduler, repeats, fewer_steps) -> io.NodeOutput:
+        t0 = time.perf_counter()
+        doc = run_benchmark(model, patched_model, positive, negative, latent_image, int(seed), int(steps), float(cfg),
+                            sampler_name, scheduler, int(repeats), bool(fewer_steps))
+        logger.info("FreeSpeed Benchmark: %s (%d rows, %.1f s)", verdict(doc), len(doc["rows"]),
+                    time.perf_counter() - t0)
+        return io.NodeOutput(picture(doc), markdown(doc))
+
+

@@ -1,0 +1,138 @@
+"""The benchmark suite (bench/suite.py, `make bench`'s default job) and the FreeSpeed Benchmark node,
+end to end on tiny real models: rows, ratios from the interleaved timings, fidelity against the
+full run, the fewer-steps comparison, the node stats, the written files.  No timing assertions."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench import host  # noqa: E402
+
+host.setup("cpu")
+
+from bench import suite, suite_report  # noqa: E402
+from comfyui_freespeed.core import measure  # noqa: E402
+from comfyui_freespeed.nodes.benchmark import BenchmarkNode, run_benchmark  # noqa: E402
+from comfyui_freespeed.nodes.todo import ToDoConfig, apply_todo  # noqa: E402
+from tiny import tiny_sd15  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def t15():
+    return tiny_sd15(qk_std=0.3)
+
+
+def _latent(t, h=16, w=16, batch=1):
+    return {"samples": t.latent(h, w, batch)}
+
+
+def test_benchmark_rows_ratios_and_fidelity(t15):
+    patched = apply_todo(t15.model, ToDoConfig(factors=(2.0, 1.0)))
+    doc = run_benchmark(t15.model, patched, t15.cond(1), t15.cond(2), _latent(t15), seed=3, steps=6, cfg=5.0,
+                        sampler_name="euler", scheduler="normal", repeats=2, fewer_steps=True)
+    rows = doc["rows"]
+    assert [r["kind"] for r in rows] == ["baseline", "patched"] + ["fewer_steps"] * 3
+    assert [r["steps"] for r in rows[2:]] == measure.fewer_steps_counts(6, n=3)
+    base = measure.median(rows[0]["times_s"])
+    for r in rows:
+        assert len(r["times_s"]) == 2
+        assert r["ratio"] == pytest.approx(base / measure.median(r["times_s"]))
+    assert rows[0]["psnr_db"] == math.inf and rows[0]["ssim"] == pytest.approx(1.0)
+    assert math.isfinite(rows[1]["psnr_db"])          # ToDo changed the output (peaked maps)
+    assert all(math.isfinite(r["psnr_db"]) for r in rows[2:])
+    (name, stats), = rows[1]["stats"]
+    assert name == "ToDo" and stats["downsampled_calls"] > 0
+    want = measure.match_fewer_steps({r["steps"]: r["median_s"] for r in rows[2:]}, rows[1]["median_s"])
+    assert rows[1]["fewer_steps_match"] == want
+
+
+def test_benchmark_of_an_unpatched_clone_is_exact(t15):
+    doc = run_benchmark(t15.model, t15.model.clone(), t15.cond(1), t15.cond(2), _latent(t15, 8, 12, 2), seed=1,
+                        steps=3, cfg=4.0, sampler_name="euler", scheduler="normal", repeats=1, fewer_steps=False)
+    assert len(doc["rows"]) == 2
+    assert doc["rows"][1]["psnr_db"] == math.inf and doc["rows"][1]["stats"] == []
+    assert doc["latent"] == [2, 4, 8, 12]
+
+
+def test_benchmark_node_outputs_an_image_and_markdown(t15):
+    patched = apply_todo(t15.model, ToDoConfig(factors=(2.0, 1.0)))
+    out = BenchmarkNode.execute(t15.model, patched, t15.cond(1), t15.cond(2), _latent(t15), 0, 4, 5.0, "euler",
+                                "normal", 1, True)
+    img, md = out.result
+    assert img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == 3 and img.shape[1] > 200 and img.shape[2] > 300
+    assert img.dtype == torch.float32 and float(img.min()) >= 0.0 and float(img.max()) <= 1.0
+    assert float(img.std()) > 0.01                    # something was drawn
+    assert md.startswith("| row | steps |")
+    assert "| patched | 4 |" in md and "ToDo:" in md
+    assert BenchmarkNode.validate_inputs(sampler_name="euler", scheduler="normal") is True
+    assert "unknown sampler" in BenchmarkNode.validate_inputs(sampler_name="nope", scheduler="normal")
+
+
+# -- the suite -------------------------------------------------------------------------------------
+def _tiny_subject(t):
+    import comfy.sample
+    lat = comfy.sample.fix_empty_latent_channels(t.model, t.latent(16, 16, 2))
+    return suite.Subject("tiny-sd15", "tiny SD1.5 (test)", t.model, t.cond(1, 2), t.cond(2, 2), lat, lambda x: x,
+                         True, 0.1, ["test subject"])
+
+
+def test_suite_document_rows_and_files(t15, tmp_path):
+    opts = suite.SuiteOptions(model="tiny", width=128, height=128, batch=2, steps=6, cfg=5.0,
+                              rows=["todo", "tgate", "stacked", "tome"], fewer_steps=[2, 4], repeats=2)
+    doc = suite.run_suite(opts, subject=_tiny_subject(t15))
+    names = [r["name"] for r in doc["rows"]]
+    assert names == ["baseline", "todo", "tgate", "stacked", "tome", "steps2", "steps4"]
+    rows = {r["name"]: r for r in doc["rows"]}
+    base = measure.median(rows["baseline"]["times_s"])
+    for r in doc["rows"]:
+        assert "error" not in r, r
+        assert len(r["times_s"]) == 2
+        assert r["ratio"] == pytest.approx(base / measure.median(r["times_s"]), rel=1e-2)
+    assert rows["baseline"]["psnr_db"] == math.inf
+    assert rows["steps2"]["psnr_db"] < rows["steps4"]["psnr_db"]      # fewer steps, further from the full run
+    assert rows["todo"]["stats"]["freespeed.todo"]["downsampled_calls"] > 0
+    assert set(rows["stacked"]["stats"]) == {"freespeed.todo", "freespeed.tgate", "freespeed.encoder_propagation"}
+    assert rows["todo"]["readout"]
+    for name in ("todo", "tgate", "stacked", "tome"):
+        assert "fewer_steps_match" in rows[name]
+    assert doc["config"]["rounds"] == 2 and doc["config"]["steps"] == 6
+    paths = suite_report.write(doc, str(tmp_path))
+    assert sorted(os.path.basename(p) for p in paths) == ["suite.json", "suite.md", "suite.png"]
+    back = json.loads((tmp_path / "suite.json").read_text())
+    assert back["kind"] == "freespeed-bench-suite" and back["version"] == 1
+    assert set(back["rows"][1]) >= {"name", "label", "kind", "steps", "times_s", "median_s", "ratio", "psnr_db",
+                                    "ssim", "peak_mem_mb", "readout", "stats", "fewer_steps_match",
+                                    "beats_fewer_steps"}
+    assert back["rows"][0]["psnr_db"] is None          # inf (the reference itself) is null in JSON
+    md = (tmp_path / "suite.md").read_text()
+    assert md.count("\n|") >= len(names) + 1 and "FreeSpeed ToDo" in md
+    from PIL import Image
+    assert Image.open(tmp_path / "suite.png").size == (900, 600)
+    text = suite_report.terminal(doc)
+    assert "FreeSpeed T-GATE" in text and "fewer steps at equal time" in text
+
+
+def test_suite_reports_a_refusing_row_instead_of_crashing(t15, monkeypatch):
+    def refuse(m):
+        raise ValueError("FreeSpeed test: not supported")
+    rows = suite.technique_rows()
+    monkeypatch.setattr(suite, "technique_rows",
+                        lambda: [r if r.name != "todo" else suite.Row("todo", "ToDo", "freespeed", refuse) for r in rows])
+    opts = suite.SuiteOptions(model="tiny", width=128, height=128, batch=2, steps=3, cfg=5.0, rows=["todo"],
+                              fewer_steps=[], repeats=1)
+    doc = suite.run_suite(opts, subject=_tiny_subject(t15))
+    todo = doc["rows"][1]
+    assert todo["error"] == "FreeSpeed test: not supported"
+    assert "not run: FreeSpeed test" in suite_report.terminal(doc)
+    with pytest.raises(ValueError, match="unknown row"):
+        suite.select_rows(["nope"], 20, None)
