@@ -88,9 +88,24 @@ def test_speed_run_on_tiny_sdxl_uses_its_attention_level_1():
 def test_cli_writes_json_and_markdown(tmp_path, capsys):
     from bench.__main__ import main
     j, md = tmp_path / "s.json", tmp_path / "s.md"
-    rc = main(["--model", "tiny-sd15", "--resolution", "64", "--repeats", "1", "--warmup", "none",
+    rc = main(["speed", "--model", "tiny-sd15", "--resolution", "64", "--repeats", "1", "--warmup", "none",
                "--attention", "pytorch", "--device", "cpu", "--json", str(j), "--markdown", str(md)])
     assert rc == 0
     doc = json.loads(j.read_text())
     assert doc["config"]["latent"] == [8, 8] and doc["results"][0]["technique_stats"]["downsampled_calls"] > 0
     assert "measured x" in capsys.readouterr().out and "| SDPA (pytorch) |" in md.read_text()
+
+
+def test_suite_cli_writes_its_three_files(tmp_path, capsys):
+    """`python -m bench` (the default job) with a model and rows chosen on the command line."""
+    from bench.__main__ import main
+    rc = main(["--model", "tiny-sd15", "--resolution", "64", "--batch", "1", "--steps", "4", "--rows", "todo,tome",
+               "--fewer-steps", "2,3", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "suite.json").read_text())
+    assert [r["name"] for r in doc["rows"]] == ["baseline", "todo", "tome", "steps2", "steps3"]
+    assert doc["config"]["fidelity_meaningful"] is False          # random weights: speed only
+    assert (tmp_path / "suite.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "FreeSpeed ToDo" in out and "not meaningful" in out
+    assert main(["--model", "tiny-sd15", "--rows", "nope", "--device", "cpu", "--no-write"]) == 1
