@@ -164,7 +164,7 @@ def tiny_api(prompt: dict, steps: int) -> dict:
             p[nid] = {"class_type": COND_NODE, "inputs": {"seed": int(nid), "dim": 768}}
         elif ct == "EmptyLatentImage":
             node["inputs"].update(width=LATENT_SIZE, height=LATENT_SIZE, batch_size=1)
-        elif ct == "KSampler":
+        elif ct in ("KSampler", "FreeSpeedBenchmark"):
             node["inputs"]["steps"] = steps
         elif ct == "VAEDecode":
             del p[nid]
@@ -405,6 +405,7 @@ READOUT_CHECKS = {
 @pytest.mark.parametrize("name,expected", [
     (STACKED, {"FreeSpeedToDo", "FreeSpeedTGate", "FreeSpeedEncoderPropagation"}),
     ("freespeed_mapreuse_sd15", {"FreeSpeedAttentionMapReuse"}),
+    ("freespeed_benchmark_sd15", {"FreeSpeedToDo"}),
 ])
 def test_workflow_runs_in_the_executor_and_publishes_readouts(host, name, expected):
     """The workflow's API form on the tiny checkpoint through the real PromptExecutor; every FreeSpeed node
@@ -415,7 +416,8 @@ def test_workflow_runs_in_the_executor_and_publishes_readouts(host, name, expect
     steps = 10
     prompt = tiny_api(ui_to_api(wf), steps)
     fs_ids = {k: v["class_type"] for k, v in prompt.items()
-              if v["class_type"].startswith("FreeSpeed") and v["class_type"] != COND_NODE}
+              if v["class_type"].startswith("FreeSpeed") and v["class_type"] not in (COND_NODE, "FreeSpeedBenchmark")}
+    bench_ids = [k for k, v in prompt.items() if v["class_type"] == "FreeSpeedBenchmark"]
     assert set(fs_ids.values()) == expected, fs_ids
 
     rec = _Recorder()
@@ -430,8 +432,11 @@ def test_workflow_runs_in_the_executor_and_publishes_readouts(host, name, expect
         events = dict(ex.status_messages)
         assert ex.success, (f"execution failed: {events.get('execution_error', {}).get('exception_message')}\n"
                             f"{''.join(events.get('execution_error', {}).get('traceback', []))}")
-        (save_id,) = outputs
+        (save_id,) = [k for k in outputs if prompt[k]["class_type"] == "SaveLatent"]
         latent = read_latent(saved_latent_path(host["output"], ex.history_result["outputs"][save_id]))
+        for bid in bench_ids:      # the Benchmark node's report reaches its PreviewImage
+            (prev,) = [k for k in outputs if prompt[k]["inputs"].get("images") == [bid, 0]]
+            assert ex.history_result["outputs"][prev]["images"], ex.history_result["outputs"][prev]
     finally:
         if had:
             host_server.PromptServer.instance = saved
