@@ -63,6 +63,10 @@ Models: SD1.x/SD2.x and SDXL UNets.  Flux and SD3 are refused with a clear messa
 (:func:`hooks.require_unet`): their joint text-image blocks would need the image tokens and
 their rotary/positional rows gathered per block replace patch -- not built here.
 
+Memory: the map is fp32 ``batch x tokens²`` (heads are averaged chunk by chunk).  A stack call whose
+map would need more than ``map_budget_mb`` runs unpruned, counted (``stack_calls_left_map_budget``)
+with one warning per run, instead of running out of memory mid-sampling.
+
 Ratio 0 installs nothing but the run wrappers (bit-exact, same attention kernels); a stack call
 whose scheduled ratio is 0 (DSAP edge blocks early) calls the original forward.
 """
@@ -79,7 +83,18 @@ from ..core.pruning import (DSAP, LayerShape, attention_with_mean_map, conv_flop
                             gwpr_scores, kept_count, layer_flops, ranking_flops, recover_tokens, recovery_source,
                             select_kept, stage_edges)
 from ..core.tokens import level_grids
-from .hooks import CATEGORY, ModelInfo, RunState, Technique, detect_model, require_unet
+from .hooks import CATEGORY, ModelInfo, RunState, Technique, detect_model, logger, require_unet
+
+CHUNK_BYTES = 512 * 2 ** 20          # scores of at most this many bytes per head chunk
+
+
+def map_bytes(batch: int, n: int, heads: int) -> int:
+    """Peak bytes of the explicit map at a pruning layer: the fp32 mean map plus one head chunk of
+    scores and its softmax (see :func:`core.pruning.attention_with_mean_map`)."""
+    per_head = batch * n * n * 4
+    chunk = per_head * min(max(heads, 1), max(1, CHUNK_BYTES // per_head))
+    return per_head + 2 * chunk
+
 
 LEVEL_CHOICES = {"1+2": (1, 2), "1": (1,), "2": (2,), "1+2+3": (1, 2, 3)}
 MAX_CALL_LOG = 20000
@@ -92,11 +107,14 @@ class ATEDMConfig:
     early_scale: float = 1.0           # early-phase ratio of non-edge stacks, as a fraction of `ratio`
     levels: tuple = (1, 2)             # attention levels whose stacks are pruned
     iterations: int = 5                # G-WPR power iterations
+    map_budget_mb: float = 2048.0      # largest explicit-map memory per stack call (mean map + one head chunk)
 
     def __post_init__(self):
         DSAP(self.ratio, self.dsap_end, self.early_scale)       # validates
         if self.iterations < 1:
             raise ValueError("FreeSpeed AT-EDM: G-WPR needs at least one iteration")
+        if self.map_budget_mb <= 0:
+            raise ValueError("FreeSpeed AT-EDM: the map budget must be positive")
 
     @property
     def dsap(self) -> DSAP:
@@ -280,6 +298,17 @@ class ATEDM(Technique):
                 run.count("stack_calls_left_foreign_attn1")
                 tech._account(run, stack, x, context, None, None)
                 return orig(x, context, transformer_options)
+            n = int(x.shape[-2]) * int(x.shape[-1])
+            need = map_bytes(int(x.shape[0]), n, stack.shapes[0].heads)
+            if need > tech.config.map_budget_mb * 2 ** 20:
+                run.count("stack_calls_left_map_budget")
+                if not getattr(run, "warned_budget", False):
+                    run.warned_budget = True
+                    logger.warning("FreeSpeed AT-EDM: the self-attention map of a %d-token stack (batch %d) needs %.0f MB, "
+                                   "over map_budget_mb %g: such stacks run unpruned", n, int(x.shape[0]),
+                                   need / 2 ** 20, tech.config.map_budget_mb)
+                tech._account(run, stack, x, context, None, None)
+                return orig(x, context, transformer_options)
             return tech._pruned(run, stack, x, context, transformer_options, ratio)
         return forward
 
@@ -357,7 +386,7 @@ class ATEDM(Technique):
                     q, k, v = args[:3]
                     heads = args[3] if len(args) > 3 else kwargs.get("heads")
                     if heads is not None and q.ndim == 3 and q.shape[1] == call.n and k.shape[1] == call.n:
-                        out, call.map = attention_with_mean_map(q, k, v, int(heads))
+                        out, call.map = attention_with_mean_map(q, k, v, int(heads), chunk_bytes=CHUNK_BYTES)
                         return out.to(q.dtype)
                     call.refused = "kv" if q.ndim == 3 and q.shape[1] == call.n else "other"
             if prev is not None:
@@ -438,7 +467,8 @@ class ATEDM(Technique):
     def stats(self, run: RunState) -> dict[str, Any]:
         s = super().stats(run)
         for k in ("stack_calls_pruned", "stack_calls_full", "stack_calls_left_kv_changed",
-                  "stack_calls_left_foreign_attn1", "stack_calls_left_no_map", "attn2_full_grid_calls"):
+                  "stack_calls_left_foreign_attn1", "stack_calls_left_no_map", "stack_calls_left_map_budget",
+                  "attn2_full_grid_calls"):
             s.setdefault(k, 0)
         f = run.flops
         full = f["other"] + f["tf_full"]
@@ -460,7 +490,8 @@ class ATEDM(Technique):
 
     def summary(self, s: dict[str, Any]) -> str:
         toks = ", ".join(f"{k} {v}" for k, v in s["kept_tokens"].items()) or "none"
-        left = s["stack_calls_left_kv_changed"] + s["stack_calls_left_foreign_attn1"] + s["stack_calls_left_no_map"]
+        left = (s["stack_calls_left_kv_changed"] + s["stack_calls_left_foreign_attn1"] + s["stack_calls_left_no_map"]
+                + s["stack_calls_left_map_budget"])
         return (f"{s['evaluations']} evaluations, {s['stack_calls_pruned']} stack calls pruned "
                 f"({s['stack_calls_full']} full by DSAP, {left} left alone), tokens kept {s['tokens_kept_pct']:g}% "
                 f"({toks}), FLOPs saved {s['flops_saved_pct']:g}% "
@@ -514,6 +545,10 @@ class ATEDMNode(io.ComfyNode):
                 io.Combo.Input("levels", options=list(LEVEL_CHOICES), default="1+2",
                                tooltip="Attention levels whose stacks are pruned (1 = highest resolution with "
                                        "attention: 64x64 tokens for SD1.5 at 512² and SDXL at 1024²)."),
+                io.Int.Input("map_budget_mb", default=2048, min=64, max=262144, step=64,
+                             tooltip="Largest memory for one explicit self-attention map (fp32, batch x tokens²). "
+                                     "Stacks whose map would need more run unpruned (counted, one warning). SDXL with "
+                                     "CFG needs ~1.1 GB at 1024², ~1.9 GB at 1536², ~6 GB at 2048²."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -527,6 +562,7 @@ class ATEDMNode(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, ratio, dsap_end_percent, early_scale, levels) -> io.NodeOutput:
-        config = ATEDMConfig(float(ratio), float(dsap_end_percent), float(early_scale), LEVEL_CHOICES[levels])
+    def execute(cls, model, ratio, dsap_end_percent, early_scale, levels, map_budget_mb=2048) -> io.NodeOutput:
+        config = ATEDMConfig(float(ratio), float(dsap_end_percent), float(early_scale), LEVEL_CHOICES[levels],
+                             map_budget_mb=float(map_budget_mb))
         return io.NodeOutput(apply_atedm(model, config, node_id=cls.hidden.unique_id if cls.hidden else None))

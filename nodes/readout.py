@@ -243,7 +243,7 @@ def _atedm(s: dict) -> tuple[str, list[Segment], Optional[float]]:
             parts.append(f"tokens kept {_pct(_num(s, 'tokens_kept_pct', 100))}")
             parts.append(f"FLOPs −{_pct(_num(s, 'flops_saved_pct'))}")
         left = (_int(s, "stack_calls_left_kv_changed") + _int(s, "stack_calls_left_foreign_attn1")
-                + _int(s, "stack_calls_left_no_map"))
+                + _int(s, "stack_calls_left_no_map") + _int(s, "stack_calls_left_map_budget"))
         if left:
             parts.append(f"{left} left alone")
         if dsap > 0:

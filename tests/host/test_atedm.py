@@ -9,7 +9,7 @@ from tiny import sample, tiny_flux, tiny_sd3, tiny_sd15, tiny_sdxl
 import comfy.patcher_extension as pe
 
 from comfyui_freespeed.core.pruning import kept_count, stage_edges
-from comfyui_freespeed.nodes.atedm import ATEDMConfig, ATEDMNode, apply_atedm
+from comfyui_freespeed.nodes.atedm import ATEDMConfig, ATEDMNode, apply_atedm, map_bytes
 from comfyui_freespeed.nodes.hooks import LAST_STATS, UnsupportedModelError
 from comfyui_freespeed.nodes.tgate import TGateConfig, apply_tgate
 from comfyui_freespeed.nodes.todo import ToDoConfig, apply_todo
@@ -150,6 +150,20 @@ def test_batch_three_and_odd_sizes(sd15, sdxl):
                                                      "level2": f"425->{kept_count(425, 0.6)}"}
 
 
+def test_map_budget_leaves_big_stacks_unpruned_with_one_warning(sd15, caplog):
+    # 16x16 latent with CFG: level 1 has 256 tokens, level 2 has 64; a budget between their map sizes
+    heads = technique(apply_atedm(sd15.model, ATEDMConfig())).stacks[0].shapes[0].heads
+    need1, need2 = map_bytes(2, 256, heads), map_bytes(2, 64, heads)
+    assert need2 < need1
+    m = apply_atedm(sd15.model, ATEDMConfig(ratio=0.5, dsap_end=0.0, map_budget_mb=(need1 + need2) / 2 / 2 ** 20))
+    with caplog.at_level(logging.WARNING, logger="FreeSpeed"):
+        out = sample(m, sd15, 16, 16, steps=2)
+    assert torch.isfinite(out).all()
+    s = technique(m).last_stats
+    assert s["stack_calls_left_map_budget"] > 0 and s["kept_tokens"].keys() == {"level2"}
+    assert len([r for r in caplog.records if "map_budget_mb" in r.getMessage()]) == 1
+
+
 def test_no_state_leaks_between_steps_runs_or_models(sd15):
     base = sample(sd15.model, sd15, 10, 8, steps=2)
     m = apply_atedm(sd15.model, ATEDMConfig(ratio=0.5))
@@ -225,13 +239,14 @@ def test_v3_node_schema_and_execute(sd15):
     schema = ATEDMNode.define_schema()
     assert schema.node_id == "FreeSpeedATEDM" and schema.category == "model_patches/freespeed"
     assert schema.display_name == "FreeSpeed AT-EDM (attention-driven pruning)"
-    assert [i.id for i in schema.inputs] == ["model", "ratio", "dsap_end_percent", "early_scale", "levels"]
+    assert [i.id for i in schema.inputs] == ["model", "ratio", "dsap_end_percent", "early_scale", "levels",
+                                             "map_budget_mb"]
     from comfy_api.v0_0_2 import io
     node = ATEDMNode.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "77"})
-    patched = node.execute(sd15.model, 0.5, 0.0, 0.5, "1").result[0]
+    patched = node.execute(sd15.model, 0.5, 0.0, 0.5, "1", 2048).result[0]
     sample(patched, sd15, 8, 8, steps=2)
     assert LAST_STATS["77"]["levels"] == [1] and LAST_STATS["77"]["stack_calls_pruned"] > 0
     assert ATEDMNode.validate_inputs(levels="4") != True       # noqa: E712
     assert ATEDMNode.validate_inputs(levels="1+2") is True
     with pytest.raises(ValueError):
-        ATEDMNode.execute(sd15.model, 1.0, 0.3, 0.5, "1+2")
+        ATEDMNode.execute(sd15.model, 1.0, 0.3, 0.5, "1+2", 2048)
