@@ -36,12 +36,12 @@ SPECIAL = ("<pad>", "<bos>", "<eos>", "at")
 VOCAB = SPECIAL + tuple(SIZES) + tuple(COLOURS) + SHAPES + tuple(POSITIONS)
 SEQ_LEN = 8
 CONTEXT_DIM = 64
-LATENT_SIZE = 32             # latent side the fixture is trained at (a "256²" image)
+LATENT_SIZE = 16             # latent side the fixture is trained at (a "128²" image)
 
 UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "use_checkpoint": False, "image_size": 16, "use_spatial_transformer": True, "legacy": False,
     "in_channels": 4, "out_channels": 4, "use_temporal_attention": False, "use_temporal_resblock": False,
-    "adm_in_channels": None, "model_channels": 64, "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 2],
+    "adm_in_channels": None, "model_channels": 32, "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 2],
     "transformer_depth": [1, 1, 0], "transformer_depth_output": [1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
     "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM, "num_heads": 4, "num_head_channels": -1,
 }
@@ -148,9 +148,15 @@ def model_config():
 
 
 def build_model(device=None):
-    """A fresh (untrained) fixture ``BaseModel``."""
+    """A fresh (untrained) fixture ``BaseModel``: the SD1.5 UNet class with v-prediction, as the SD2.x
+    768-v models (``comfy.model_base.BaseModel`` with ``ModelType.V_PREDICTION``, what
+    ``supported_models.SD20.get_model`` builds for a v checkpoint).  v-prediction because an
+    ε-predicting model this small cannot get the highest-noise steps right: at σ_max ≈ 14.6 an ε error
+    is a σ ≈ 15 times larger x0 error, and the first sampling steps then lock a wrong global colour into
+    every sample (what the first ε-trained fixture did, whatever the loss weighting)."""
+    import comfy.model_base
     mc = model_config()
-    return mc.get_model({}, device=device)
+    return comfy.model_base.BaseModel(mc, model_type=comfy.model_base.ModelType.V_PREDICTION, device=device)
 
 
 def load(path: str = WEIGHTS, device=None):
@@ -176,3 +182,9 @@ def conditioning(text: str, table: torch.Tensor, batch: int = 1) -> list:
     """A ComfyUI conditioning list for a fixture prompt."""
     ctx = encode([text], table).repeat(batch, 1, 1)
     return [[ctx, {}]]
+
+
+def model_space(patcher, latent: torch.Tensor) -> torch.Tensor:
+    """A sampled latent (what KSampler returns: the SD1.5 latent format, /0.18215) in the space the
+    fixture was trained in (what :func:`render` draws): ``latent_format.process_in``."""
+    return patcher.model.process_latent_in(latent)

@@ -2,10 +2,12 @@
 
 ``python -m bench.train_fixture [--steps N] [--batch B] [--minutes M] [--out PATH]``
 
-Standard DDPM eps-prediction training with ComfyUI's own discrete schedule (the SD1.5
-``model_sampling``: 1000 steps, scaled-linear betas): x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε, the UNet
-predicts ε from (x_t, t, context), MSE loss.  That is exactly what ComfyUI's eps model computes at
-sampling time (``calculate_input`` scales x = x0 + σε by 1/sqrt(σ²+1), giving the same x_t).
+DDPM v-prediction training with ComfyUI's own discrete schedule (the SD1.5 ``model_sampling``:
+1000 steps, scaled-linear betas): x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε, the UNet predicts
+v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·x0 from (x_t, t, context), MSE loss.  That is exactly what ComfyUI's
+``V_PREDICTION`` model computes at sampling time (``calculate_input`` scales x = x0 + σε by
+1/sqrt(σ²+1), giving the same x_t; ``calculate_denoised`` = x/(σ²+1) − v·σ/sqrt(σ²+1) = x0).
+v rather than ε: see :func:`bench.fixture.build_model`.
 10% of the prompts are replaced by the empty prompt so classifier-free guidance works.  AdamW,
 cosine learning rate, EMA of the weights (the EMA is what is saved, in fp16, with the embedding
 table).  Everything is seeded; on the same torch build and thread count the run is reproducible.
@@ -22,7 +24,7 @@ import time
 log = logging.getLogger("FreeSpeed.fixture")
 
 
-def train(steps: int = 4000, batch: int = 32, lr: float = 1e-3, seed: int = 0, minutes: float = 25.0,
+def train(steps: int = 2500, batch: int = 16, lr: float = 1e-3, seed: int = 0, minutes: float = 25.0,
           out: str = "", threads: int = 0) -> dict:
     import torch
     from safetensors.torch import save_file
@@ -48,6 +50,9 @@ def train(steps: int = 4000, batch: int = 32, lr: float = 1e-3, seed: int = 0, m
         # zero the last conv so training starts from "predict 0"
         dm.out[-1].weight.zero_()
     dm.train()
+    # SDPA for training speed (ComfyUI's CPU default, sub-quadratic attention, is several times slower here)
+    import comfy.ldm.modules.attention as comfy_attention
+    topts = {"optimized_attention_override": lambda func, *a, **k: comfy_attention.attention_pytorch(*a, **k)}
     table = fx.make_embedding(seed)
     ms = model.model_sampling
     alphas = 1.0 / (ms.sigmas.float() ** 2 + 1.0)          # ᾱ_t from ComfyUI's own sigmas
@@ -70,8 +75,9 @@ def train(steps: int = 4000, batch: int = 32, lr: float = 1e-3, seed: int = 0, m
         a = alphas[t].view(-1, 1, 1, 1)
         eps = torch.randn(x0.shape, generator=g)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = dm(xt, timesteps=t.float(), context=ctx)
-        loss = torch.nn.functional.mse_loss(pred, eps)
+        pred = dm(xt, timesteps=t.float(), context=ctx, transformer_options=topts)
+        v = a.sqrt() * eps - (1 - a).sqrt() * x0
+        loss = torch.nn.functional.mse_loss(pred, v)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dm.parameters(), 1.0)
@@ -109,12 +115,12 @@ def train(steps: int = 4000, batch: int = 32, lr: float = 1e-3, seed: int = 0, m
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train_fixture", description=__doc__.split("\n\n")[1])
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=25.0, help="stop (and save) after this long")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: small ops oversubscribe 2 cores; 0 = torch's default)")
     p.add_argument("--out", default="", help="weights path (default bench/fixture/fixture_unet.safetensors)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
