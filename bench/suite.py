@@ -88,7 +88,8 @@ def _peer(module: str, cls: str, **kw):
     def apply(m):
         import importlib
         node = getattr(importlib.import_module(module), cls)
-        return node.execute(m, **kw).result[0]
+        out = node.execute(m, **kw)
+        return out.result[0] if hasattr(out, "result") else out[0]      # HyperTile returns a plain tuple
     return apply
 
 
@@ -374,11 +375,12 @@ def compare_with_fewer_steps(rows: list[dict]) -> None:
     """Add to every accelerated row the fewer-steps run it must beat (same or lower wall time) and
     whether its PSNR is higher (``beats_fewer_steps``); pure, on a list of row records."""
     from comfyui_freespeed.core import measure
-    fewer = [r for r in rows if r.get("kind") == "fewer_steps" and "median_s" in r]
+    # the baseline itself is the top of the curve: a row slower than it is compared with it
+    fewer = [r for r in rows if r.get("kind") in ("fewer_steps", "baseline") and "median_s" in r]
     step_times = {r["steps"]: r["median_s"] for r in fewer}
     by_steps = {r["steps"]: r for r in fewer}
     for r in rows:
-        if r.get("kind") in ("baseline", "fewer_steps") or "median_s" not in r or not fewer:
+        if r.get("kind") in ("baseline", "fewer_steps") or "median_s" not in r or len(fewer) < 2:
             continue
         s = measure.match_fewer_steps(step_times, r["median_s"])
         if s is None:
@@ -386,8 +388,9 @@ def compare_with_fewer_steps(rows: list[dict]) -> None:
             r["beats_fewer_steps"] = None             # faster than every fewer-steps run measured
             continue
         m = by_steps[s]
-        r["fewer_steps_match"] = {"steps": s, "median_s": m["median_s"], "psnr_db": m["psnr_db"]}
-        r["beats_fewer_steps"] = bool(r["psnr_db"] > m["psnr_db"])
+        r["fewer_steps_match"] = {"steps": s, "median_s": m["median_s"], "psnr_db": m["psnr_db"],
+                                  "baseline": m["kind"] == "baseline"}
+        r["beats_fewer_steps"] = bool(r["psnr_db"] > m["psnr_db"]) if m["kind"] == "fewer_steps" else False
 
 
 __all__ = ["Row", "SuiteOptions", "technique_rows", "select_rows", "run_suite",

@@ -26,6 +26,8 @@ def _versus(r: dict) -> str:
     m = r["fewer_steps_match"]
     if m is None:
         return "faster than all"
+    if m.get("baseline"):
+        return "not faster than baseline"
     mark = "better" if r.get("beats_fewer_steps") else "worse"
     return f"{mark} ({m['steps']} st: {_psnr(m['psnr_db'])})"
 
@@ -61,6 +63,10 @@ def goal_lines(doc: dict) -> list[str]:
         if r.get("kind") not in ("freespeed", "stacked") or "median_s" not in r:
             continue
         v = r.get("beats_fewer_steps")
+        m = r.get("fewer_steps_match")
+        if m and m.get("baseline"):
+            out.append(f"{r['label']}: {r['ratio']:.2f}x, not faster than the baseline")
+            continue
         verdict = {True: "beats", False: "does not beat", None: "is faster than every"}[v]
         out.append(f"{r['label']}: {r['ratio']:.2f}x, {verdict} fewer steps at equal time")
     return out
@@ -70,6 +76,8 @@ def notes(doc: dict) -> list[str]:
     n = list(doc.get("notes", []))
     if not doc["config"].get("fidelity_meaningful", True):
         n.append("fidelity columns not meaningful for random weights")
+    if not any(r.get("peak_mem_mb") is not None for r in doc["rows"]):
+        n.append("peak memory is measured on CUDA only")
     n.append("ratio = baseline median / row median, same interleaved rounds; PSNR/SSIM of the final latent vs "
              "the baseline's (same noise and prompts); 'vs fewer steps': the baseline with the most steps that "
              "is not slower than the row")

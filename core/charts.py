@@ -96,7 +96,8 @@ def speed_fidelity_plot(points: Sequence[dict], curve: Sequence[tuple[float, flo
     for x, y, lb in cpts:
         d.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=CURVE)
         d.text((px(x) + 4, py(y) + 2), lb, fill=CURVE, font=small)
-    # rows
+    # rows (labels moved down until they overlap no earlier label)
+    placed: list[tuple[float, float, float, float]] = []
     for i, p in enumerate(points):
         if p.get("x") is None or p.get("y") is None:
             continue
@@ -104,7 +105,12 @@ def speed_fidelity_plot(points: Sequence[dict], curve: Sequence[tuple[float, flo
         x, y = px(p["x"]), py(p["y"])
         d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=c, outline=FG)
         lab = p["label"] + (" (∞ dB)" if not math.isfinite(p["y"]) else "")
-        d.text((x + 8, y - 16), lab, fill=c, font=small)
+        lw = d.textlength(lab, font=small)
+        lx, ly = x + 8, y - 16
+        while any(lx < bx1 and lx + lw > bx0 and ly < by1 and ly + 14 > by0 for bx0, by0, bx1, by1 in placed):
+            ly += 15
+        placed.append((lx, ly, lx + lw, ly + 14))
+        d.text((lx, ly), lab, fill=c, font=small)
     return img
 
 

@@ -523,6 +523,7 @@ class MapReuseSearchNode(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model"),
                      io.String.Output(display_name="custom_percents"),
                      io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -554,4 +555,6 @@ class MapReuseSearchNode(io.ComfyNode):
         report = (f"{res['chosen']} schedule, reuse steps {res['reuse_steps']} of {res['steps']} "
                   f"(PSNR {res['psnr']:g} dB vs full; greedy {res['greedy_steps']} {res['greedy_psnr']:g} dB, late "
                   f"{res['late_steps']} {res['late_psnr']:g} dB); percents: {res['percents']}")
-        return io.NodeOutput(apply_mapreuse(model, config), res["percents"], report)
+        # the returned MODEL reports its runs on this node's canvas readout
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        return io.NodeOutput(apply_mapreuse(model, config, node_id=node_id), res["percents"], report)

@@ -166,6 +166,7 @@ def test_suite_compares_each_row_with_the_fewer_steps_run_of_equal_time():
             {"name": "close", "kind": "freespeed", "steps": 20, "median_s": 1.6, "psnr_db": 25.0},
             {"name": "fastest", "kind": "peer", "steps": 20, "median_s": 0.2, "psnr_db": 10.0},
             {"name": "broken", "kind": "freespeed", "steps": 20, "error": "refused"},
+            {"name": "slow", "kind": "peer", "steps": 20, "median_s": 2.2, "psnr_db": math.inf},
             {"name": "steps5", "kind": "fewer_steps", "steps": 5, "median_s": 0.5, "psnr_db": 18.0},
             {"name": "steps10", "kind": "fewer_steps", "steps": 10, "median_s": 1.0, "psnr_db": 24.0},
             {"name": "steps15", "kind": "fewer_steps", "steps": 15, "median_s": 1.5, "psnr_db": 28.0}]
@@ -176,3 +177,5 @@ def test_suite_compares_each_row_with_the_fewer_steps_run_of_equal_time():
     assert by["fastest"]["fewer_steps_match"] is None and by["fastest"]["beats_fewer_steps"] is None
     assert "fewer_steps_match" not in by["broken"] and "fewer_steps_match" not in by["baseline"]
     assert "fewer_steps_match" not in by["steps10"]
+    # slower than the baseline (here: an exact no-op) is compared with the baseline itself, never "better"
+    assert by["slow"]["fewer_steps_match"]["baseline"] is True and by["slow"]["beats_fewer_steps"] is False
