@@ -197,8 +197,7 @@ def build_subject(model: str, width: int, height: int, batch: int, device, dtype
     bm = build(model, device=device, dtype=dtype)
     pos, neg = bm.cond(1, batch, width, height), bm.cond(2, batch, width, height)
     return Subject(model, bm.spec.label + " (random weights)", bm.patcher, pos, neg, bm.latent(width, height, batch),
-                   lambda x: x, False, round(bm.params / 1e6, 1),
-                   ["random weights: speed only, PSNR/SSIM are not meaningful"])
+                   lambda x: x, False, round(bm.params / 1e6, 1), [])
 
 
 # ------------------------------------------------------------------------------------------------

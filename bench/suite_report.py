@@ -63,6 +63,9 @@ def goal_lines(doc: dict) -> list[str]:
         if r.get("kind") not in ("freespeed", "stacked") or "median_s" not in r:
             continue
         v = r.get("beats_fewer_steps")
+        if "fewer_steps_match" not in r:
+            out.append(f"{r['label']}: {r['ratio']:.2f}x (no fewer-steps runs to compare with)")
+            continue
         m = r.get("fewer_steps_match")
         if m and m.get("baseline"):
             out.append(f"{r['label']}: {r['ratio']:.2f}x, not faster than the baseline")
