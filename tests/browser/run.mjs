@@ -150,7 +150,25 @@ try {
     await dialog.waitFor({ state: "visible", timeout: 30000 });
     await dialog.getByText(spec.pack, { exact: false }).first().click({ timeout: 30000 });
     await page.waitForTimeout(1500);
-    report.templateDialog.text = (await dialog.innerText()).slice(0, 20000);
+    // the grid renders lazily as it scrolls: collect its text while scrolling every scrollable part
+    let seen = await dialog.innerText();
+    for (let i = 0; i < 25; i++) {
+      const moved = await page.evaluate(() => {
+        const dlg = [...document.querySelectorAll(".p-dialog")].pop();
+        let any = false;
+        for (const el of dlg ? dlg.querySelectorAll("*") : []) {
+          if (el.scrollHeight > el.clientHeight + 4 && el.scrollTop + el.clientHeight < el.scrollHeight - 2) {
+            el.scrollTop += el.clientHeight;
+            any = true;
+          }
+        }
+        return any;
+      });
+      await page.waitForTimeout(400);
+      seen += "\n" + (await dialog.innerText());
+      if (!moved) break;
+    }
+    report.templateDialog.text = seen.slice(0, 60000);
     const tpl = path.join(outDir, "templates.png");
     await page.screenshot({ path: tpl });
     report.screenshots.push(tpl);
