@@ -313,15 +313,14 @@ def run_suite(opts: SuiteOptions, t_start: Optional[float] = None, subject: Opti
     live = [r for r in live if not isinstance(models[r.name], Exception)]
     warm_s = time.perf_counter() - t_round
     log.info("warm-up round: %d rows in %.1f s", len(live), warm_s)
-    rounds = 0
+    rounds, round_s = 0, warm_s
     while True:
         if opts.repeats:
             if rounds >= opts.repeats:
                 break
         else:
             elapsed = time.perf_counter() - t_start
-            last = warm_s if rounds == 0 else round_s
-            if rounds >= 1 and (rounds >= opts.max_repeats or elapsed + last > opts.budget_s):
+            if rounds >= 1 and (rounds >= opts.max_repeats or elapsed + round_s > opts.budget_s):
                 break
         t_round = time.perf_counter()
         order = live[rounds % len(live):] + live[:rounds % len(live)]      # rotate: no row always first
