@@ -148,7 +148,8 @@ def suite_options(a: argparse.Namespace):
                         attention=a.attention, seed=a.seed)
 
 
-def _setup(argv, pytorch_attention: bool = False):
+def _setup(argv, pytorch_attention: bool = False) -> bool:
+    """Logging and the ComfyUI host (flags set before comfy loads); False when no host is found."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--device", default="auto")
     pre.add_argument("--attention", default="")
@@ -157,8 +158,13 @@ def _setup(argv, pytorch_attention: bool = False):
     logging.basicConfig(level=logging.WARNING if known.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     device = known.device if known.device != "auto" else ("cuda" if _cuda_available() else "cpu")
-    host_path = host.setup(device=device, pytorch_attention=pytorch_attention or known.attention == "pytorch")
+    try:
+        host_path = host.setup(device=device, pytorch_attention=pytorch_attention or known.attention == "pytorch")
+    except host.HostNotFound as e:
+        log.error("%s", e)
+        return False
     log.info("ComfyUI host: %s", host_path)
+    return True
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -169,10 +175,7 @@ def main(argv: Optional[list] = None) -> int:
     if "-h" in argv or "--help" in argv:
         build_parser().parse_args(argv)
     # ComfyUI's flags (--cpu, SDPA) must be set before comfy.model_management is imported
-    try:
-        _setup(argv)
-    except host.HostNotFound as e:
-        log.error("%s", e)
+    if not _setup(argv):
         return 2
     args = build_parser().parse_args(argv)
     from . import suite_report
@@ -192,10 +195,7 @@ def main(argv: Optional[list] = None) -> int:
 def main_speed(argv: list, t_start: float) -> int:
     if "-h" in argv or "--help" in argv:
         build_speed_parser().parse_args(argv)
-    try:
-        _setup(argv)
-    except host.HostNotFound as e:
-        log.error("%s", e)
+    if not _setup(argv):
         return 2
     args = build_speed_parser().parse_args(argv)
     from . import report

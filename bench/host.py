@@ -23,16 +23,14 @@ PACKAGE = "comfyui_freespeed"
 def host_candidates(env: Optional[dict] = None) -> list[tuple[str, str]]:
     """(label, path) of every place a ComfyUI host is looked for, in order."""
     env = os.environ if env is None else env
-    out = []
-    if env.get("COMFYUI_PATH"):
-        out.append(("$COMFYUI_PATH", env["COMFYUI_PATH"]))
+    out = [("$COMFYUI_PATH", env.get("COMFYUI_PATH") or "unset")]      # "unset" is listed, never a host
     out.append(("~/comfy/ComfyUI", os.path.expanduser("~/comfy/ComfyUI")))
     out.append(("the ComfyUI this pack is installed in", os.path.dirname(os.path.dirname(REPO))))
     return out
 
 
 def is_host(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")) and os.path.isfile(
+    return path != "unset" and os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")) and os.path.isfile(
         os.path.join(path, "nodes.py"))
 
 

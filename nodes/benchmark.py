@@ -30,7 +30,7 @@ import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..core import charts, measure
-from .hooks import CATEGORY
+from .hooks import CATEGORY, check_sampler_and_scheduler, prepare_sampling
 
 logger = logging.getLogger("FreeSpeed")
 
@@ -62,9 +62,7 @@ def run_benchmark(model, patched, positive, negative, latent: dict, seed: int, s
     """Time and compare; returns the result document (rows with times, ratio, PSNR, SSIM, stats)."""
     if steps < 1:
         raise ValueError("FreeSpeed Benchmark: steps must be >= 1")
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
-    noise_mask = latent.get("noise_mask")
+    latent_image, noise, noise_mask = prepare_sampling(model, latent, seed)
     rows: list[dict[str, Any]] = [{"name": "original", "model": model, "steps": steps, "kind": "baseline"},
                                   {"name": "patched", "model": patched, "steps": steps, "kind": "patched"}]
     if fewer_steps:
@@ -196,12 +194,7 @@ class BenchmarkNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name=None, scheduler=None):
-        # ComfyUI 0.3.64 does not check V3 combo values itself
-        if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
-            return f"unknown sampler {sampler_name!r}"
-        if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-            return f"unknown scheduler {scheduler!r}"
-        return True
+        return check_sampler_and_scheduler(sampler_name, scheduler)
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):

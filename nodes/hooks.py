@@ -300,6 +300,27 @@ class Technique:
             publish(str(self.node_id), stats)
 
 
+# ------------------------------------------------------------------------------------------------
+# nodes that sample the model themselves (Map Reuse Search, Benchmark)
+# ------------------------------------------------------------------------------------------------
+def check_sampler_and_scheduler(sampler_name: Optional[str] = None, scheduler: Optional[str] = None):
+    """``validate_inputs`` answer for KSampler-like combos (ComfyUI 0.3.64 does not check V3 combos)."""
+    import comfy.samplers
+    if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        return f"unknown sampler {sampler_name!r}"
+    if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        return f"unknown scheduler {scheduler!r}"
+    return True
+
+
+def prepare_sampling(model, latent: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(latent image, noise, noise mask) from a LATENT input, as KSampler prepares them."""
+    import comfy.sample
+    image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(image, seed, latent.get("batch_index"))
+    return image, noise, latent.get("noise_mask")
+
+
 def publish(node_id: str, stats: dict[str, Any]) -> None:
     """Send a run's stats to the browser (the web extension shows them on the node)."""
     try:
@@ -318,4 +339,5 @@ def publish(node_id: str, stats: dict[str, Any]) -> None:
 
 
 __all__ = ["CATEGORY", "LAST_STATS", "ModelInfo", "detect_model", "UnsupportedModelError", "require_unet",
-           "BatchLayout", "RunState", "Technique", "publish", "logger"]
+           "BatchLayout", "RunState", "Technique", "publish", "logger", "check_sampler_and_scheduler",
+           "prepare_sampling"]

@@ -46,10 +46,11 @@ from comfy_api.v0_0_2 import io
 
 from ..core.attention import attention_from_map, attention_map
 from ..core.cache import CacheStore
-from ..core.mapreuse import (KEEP, MODES, ORIGINAL, REUSE, ReusePlan, distortion, format_percents, hurry_steps,
+from ..core.mapreuse import (MODES, ORIGINAL, REUSE, ReusePlan, distortion, format_percents, hurry_steps,
                              map_bytes, map_key, parse_levels, pick_reuse_steps, resolve_plan, steps_to_percents)
 from ..core.schedule import parse_percent_list
-from .hooks import CATEGORY, ModelInfo, RunState, Technique, detect_model, logger, require_unet
+from .hooks import (CATEGORY, ModelInfo, RunState, Technique, check_sampler_and_scheduler, detect_model, logger,
+                    prepare_sampling, require_unet)
 
 MAP_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -528,12 +529,7 @@ class MapReuseSearchNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name=None, scheduler=None):
-        import comfy.samplers
-        if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
-            return f"unknown sampler {sampler_name!r}"
-        if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-            return f"unknown scheduler {scheduler!r}"
-        return True
+        return check_sampler_and_scheduler(sampler_name, scheduler)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, reuse_steps,
@@ -541,9 +537,7 @@ class MapReuseSearchNode(io.ComfyNode):
                 cache_on_cpu=False) -> io.NodeOutput:
         import comfy.sample
         layer = _layer_config(self_attention, cross_attention, levels, cache_limit_mb, fp16_maps, cache_on_cpu)
-        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        mask = latent_image.get("noise_mask")
+        latent, noise, mask = prepare_sampling(model, latent_image, seed)
 
         def sample_fn(m):
             return comfy.sample.sample(m, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,

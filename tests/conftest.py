@@ -6,47 +6,18 @@ one, tests/host is not collected and one line says where we looked; tests/core a
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = "comfyui_freespeed"
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
 
-
-def _candidates() -> list[tuple[str, str]]:
-    out = []
-    env = os.environ.get("COMFYUI_PATH")
-    out.append(("$COMFYUI_PATH", env or "unset"))
-    out.append(("~/comfy/ComfyUI", os.path.expanduser("~/comfy/ComfyUI")))
-    out.append(("the ComfyUI this pack is installed in", os.path.dirname(os.path.dirname(REPO))))
-    return out
-
-
-def find_host() -> tuple[str | None, str]:
-    looked = []
-    for label, path in _candidates():
-        looked.append(f"{label} ({path})" if label != path else path)
-        if path != "unset" and os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")) and os.path.isfile(
-                os.path.join(path, "nodes.py")):
-            return os.path.abspath(path), ""
-    return None, "; ".join(looked)
-
+# one host search and one package registration for tests and bench (bench/host.py)
+from bench.host import find_host, register_package  # noqa: E402
 
 HOST, LOOKED = find_host()
-
-
-def _register_package() -> None:
-    if PACKAGE in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(PACKAGE, os.path.join(REPO, "__init__.py"),
-                                                  submodule_search_locations=[REPO])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = mod
-    spec.loader.exec_module(mod)
-
-
-_register_package()
+register_package()
 
 if HOST is not None:
     if HOST not in sys.path:
