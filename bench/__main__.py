@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=0, help="interleaved rounds; 0 = fit --budget")
     p.add_argument("--max-repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=360.0, help="seconds the automatic round count aims to fit in")
+    p.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run of each row")
     p.add_argument("--attention", choices=("default", "pytorch"), default="default",
                    help="default = ComfyUI's choice (sub-quadratic on CPU), pytorch = SDPA")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -145,7 +146,7 @@ def suite_options(a: argparse.Namespace):
                         scheduler=a.scheduler, cfg=a.cfg, rows=_csv(a.rows),
                         fewer_steps=[int(x) for x in fewer] if fewer else None, repeats=a.repeats,
                         max_repeats=a.max_repeats, budget_s=a.budget, device=a.device, dtype=a.dtype,
-                        attention=a.attention, seed=a.seed)
+                        attention=a.attention, seed=a.seed, warmup_steps=a.warmup_steps)
 
 
 def _setup(argv, pytorch_attention: bool = False) -> bool:

@@ -44,8 +44,36 @@ KEYS = {"tgate": "freespeed.tgate", "encprop": "freespeed.encoder_propagation", 
         "atedm": "freespeed.atedm"}
 
 
-def apply_technique(technique: str, model, gate: float = 0.4, max_parallel: int = 4):
-    """The pack's own node code on a clone of ``model``."""
+def parse_settings(pairs) -> dict[str, Any]:
+    """``["cache_limit_mb=4096", "map_dtype=fp32"]`` -> {"cache_limit_mb": 4096, "map_dtype": "fp32"}: a value
+    is read as JSON where it parses (numbers, true/false), else kept as text."""
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        name, sep, value = str(pair).partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--set wants NAME=VALUE, got {pair!r}")
+        try:
+            out[name.strip()] = json.loads(value)
+        except ValueError:
+            out[name.strip()] = value
+    return out
+
+
+def _config(cls, settings: Optional[dict]):
+    """``cls()`` with ``settings`` overriding its fields (unknown names are an error, not ignored)."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings or {}) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no setting {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**(settings or {}))
+
+
+def apply_technique(technique: str, model, gate: float = 0.4, max_parallel: int = 4, settings: Optional[dict] = None):
+    """The pack's own node code on a clone of ``model``; ``settings`` override the Map Reuse / AT-EDM
+    config's defaults (e.g. ``{"cache_limit_mb": 4096}``)."""
+    if settings and technique not in ("mapreuse", "atedm"):
+        raise ValueError("--set applies to the mapreuse and atedm cases (T-GATE: --gate; encprop: --max-parallel)")
     if technique == "tgate":
         from comfyui_freespeed.nodes.tgate import TGateConfig, apply_tgate
         return apply_tgate(model, TGateConfig(gate=float(gate)))
@@ -54,10 +82,10 @@ def apply_technique(technique: str, model, gate: float = 0.4, max_parallel: int 
         return apply_encoder_propagation(model, EncoderPropagationConfig(max_parallel=int(max_parallel)))
     if technique == "mapreuse":    # the node's defaults: late schedule from 50%, fp16 maps, 1024 MB budget
         from comfyui_freespeed.nodes.mapreuse import MapReuseConfig, apply_mapreuse
-        return apply_mapreuse(model, MapReuseConfig())
+        return apply_mapreuse(model, _config(MapReuseConfig, settings))
     if technique == "atedm":       # the node's defaults: ratio 0.7, DSAP until 30%, attention levels 1+2
         from comfyui_freespeed.nodes.atedm import ATEDMConfig, apply_atedm
-        return apply_atedm(model, ATEDMConfig())
+        return apply_atedm(model, _config(ATEDMConfig, settings))
     raise ValueError(f"unknown technique {technique!r}; expected one of {', '.join(DEFAULTS)}")
 
 
@@ -65,7 +93,8 @@ def run_sampling_speed(technique: str, model_name: str, resolution: int, steps: 
                        cfg: Optional[float] = None, gate: float = 0.4, repeats: int = 1,
                        sampler: Optional[str] = None, scheduler: Optional[str] = None,
                        attention: Optional[str] = None, warmup_steps: int = 1, seed: int = 0,
-                       device: Optional[str] = None, max_parallel: int = 4, batch: int = 1, log=None) -> dict[str, Any]:
+                       device: Optional[str] = None, max_parallel: int = 4, batch: int = 1,
+                       settings: Optional[dict] = None, log=None) -> dict[str, Any]:
     """Time ``repeats`` interleaved runs of base and patched; see the module docstring.
 
     ``attention``: None = ComfyUI's default kernel (sub-quadratic on CPU), or ``pytorch`` (SDPA) /
@@ -91,7 +120,7 @@ def run_sampling_speed(technique: str, model_name: str, resolution: int, steps: 
     bm = build(model_name, device=dev, dtype=resolve_dtype("auto", dev))
     say(f"built {bm.spec.label} ({bm.params / 1e6:.0f} M params, {bm.dtype}) in {time.perf_counter() - t_build:.1f} s")
     sync = timing.device_sync(bm.device)
-    sides = {timing.BASE: bm.patcher.clone(), timing.PATCHED: apply_technique(technique, bm.patcher, gate, max_parallel)}
+    sides = {timing.BASE: bm.patcher.clone(), timing.PATCHED: apply_technique(technique, bm.patcher, gate, max_parallel, settings)}
     inst = {}
     for label, m in sides.items():
         inst[label] = Instrument(attention, sync=sync, record_attention=False)
@@ -150,6 +179,7 @@ def run_sampling_speed(technique: str, model_name: str, resolution: int, steps: 
         "unet_batches": {k: _runs(v) for k, v in batches.items()},
         # AT-EDM: the node's own FLOPs counter (whole UNet, pruning overhead included), vs the paper's 38.8%
         "flops_saved_pct": (stats or {}).get("flops_saved_pct") if technique == "atedm" else None,
+        "settings": settings or {},
         "stats": stats,
     }
 
@@ -182,10 +212,17 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--attention", default=None, help="pytorch | sub_quad | split | basic (default: ComfyUI's)")
     p.add_argument("--device", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="mapreuse/atedm: override a node setting (repeatable), e.g. --set cache_limit_mb=4096")
     a = p.parse_args(argv)
+    try:
+        settings = parse_settings(a.set)
+    except ValueError as e:
+        p.error(str(e))
     res = run_sampling_speed(a.technique, a.model, a.resolution, a.steps, a.cfg, a.gate, a.repeats,
                              sampler=a.sampler, scheduler=a.scheduler, attention=a.attention, device=a.device,
-                             max_parallel=a.max_parallel, batch=a.batch, log=lambda m: print(m, file=sys.stderr, flush=True))
+                             max_parallel=a.max_parallel, batch=a.batch, settings=settings,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
     text = json.dumps(res, indent=1, default=str)
     print(text)
     if a.json:

@@ -14,7 +14,8 @@ What one run does
    defaults.
 3. Samples every row with ``comfy.sample.sample`` (what KSampler runs) from the same noise and
    prompts, in interleaved rounds (each round runs every row once, the order rotating), after a
-   warm-up round; the number of rounds fits ``budget_s``.
+   short warm-up round (``warmup_steps`` per row, not timed); the number of rounds fits ``budget_s``.
+   The first timed round gives the fidelity outputs and the node stats (runs are deterministic).
 4. Reports per row: median wall time, speed ratio against the baseline's median of the same rounds,
    PSNR and SSIM of its final latent against the baseline's (:mod:`comfyui_freespeed.core.measure`),
    the CUDA peak memory when on a GPU, the node's own stats (its canvas readout line), and the
@@ -222,6 +223,7 @@ class SuiteOptions:
     dtype: str = "auto"
     attention: str = "default"       # "default" (ComfyUI's choice) or "pytorch" (set before the host loads)
     seed: int = 0
+    warmup_steps: int = 2            # the warm-up round samples every row with this many steps (not timed)
 
 
 DEFAULT_SIZE = {"fixture": 128, "sd15": 512, "sdxl": 1024}
@@ -279,9 +281,9 @@ def run_suite(opts: SuiteOptions, t_start: Optional[float] = None, subject: Opti
     noise = comfy.sample.prepare_noise(sub.latent, opts.seed)
     cuda = device.type == "cuda"
 
-    def sample(r: Row):
+    def sample(r: Row, steps: Optional[int] = None):
         m = models[r.name]
-        steps = r.steps or opts.steps
+        steps = steps or r.steps or opts.steps
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -298,23 +300,22 @@ def run_suite(opts: SuiteOptions, t_start: Optional[float] = None, subject: Opti
     live = [r for r in rows if not isinstance(models[r.name], Exception)]
     times: dict[str, list[float]] = {r.name: [] for r in rows}
     outputs, peaks, stats, readouts = {}, {}, {}, {}
-    # warm-up round (also the fidelity outputs: every run is deterministic from the seed)
+
+    def fail(r: Row, e: Exception) -> None:   # a row that raises: reported with the reason, the others go on
+        log.warning("row %s failed: %s", r.name, e)
+        models[r.name] = e
+
+    # short warm-up round (loads the model, fills allocator caches); not timed
     t_round = time.perf_counter()
     for r in live:
         try:
-            out, _, peak = sample(r)
+            sample(r, steps=max(1, min(opts.warmup_steps, r.steps or opts.steps)))
         except Exception as e:
-            log.warning("row %s failed: %s", r.name, e)
-            models[r.name] = e
-            continue
-        outputs[r.name] = out.float().cpu()
-        peaks[r.name] = peak
-        stats[r.name], readouts[r.name] = row_stats(models[r.name], r.keys)
+            fail(r, e)
     live = [r for r in live if not isinstance(models[r.name], Exception)]
-    warm_s = time.perf_counter() - t_round
-    log.info("warm-up round: %d rows in %.1f s", len(live), warm_s)
-    rounds, round_s = 0, warm_s
-    while True:
+    log.info("warm-up round (%d steps): %d rows in %.1f s", opts.warmup_steps, len(live), time.perf_counter() - t_round)
+    rounds, round_s = 0, 0.0
+    while live:
         if opts.repeats:
             if rounds >= opts.repeats:
                 break
@@ -325,11 +326,22 @@ def run_suite(opts: SuiteOptions, t_start: Optional[float] = None, subject: Opti
         t_round = time.perf_counter()
         order = live[rounds % len(live):] + live[:rounds % len(live)]      # rotate: no row always first
         for r in order:
-            _, secs, _ = sample(r)
+            try:
+                out, secs, peak = sample(r)
+            except Exception as e:
+                fail(r, e)
+                continue
             times[r.name].append(secs)
+            if r.name not in outputs:     # the first timed run gives the fidelity output, peak and stats
+                outputs[r.name] = out.float().cpu()  # (every run is deterministic from the seed)
+                peaks[r.name] = peak
+                stats[r.name], readouts[r.name] = row_stats(models[r.name], r.keys)
+        live = [r for r in live if not isinstance(models[r.name], Exception)]
         round_s = time.perf_counter() - t_round
         rounds += 1
         log.info("round %d: %.1f s", rounds, round_s)
+    if "baseline" not in outputs:
+        raise RuntimeError(f"the baseline row failed: {models['baseline']}")
 
     ref = sub.to_image(outputs["baseline"])
     base_med = measure.median(times["baseline"])

@@ -2,9 +2,10 @@
 checkpoint and device, and show what the speed costs in fidelity.
 
 Both models sample the same latent from the same noise with the same conditioning (what KSampler
-runs: ``comfy.sample.sample``).  Every row is first sampled once (warm-up; its output is the one
-compared), then ``repeats`` interleaved rounds are timed (each round runs every row once, so slow
-drifts of the machine hit all rows alike).  Reported per row: median wall time, speed ratio against
+runs: ``comfy.sample.sample``).  Every row is first sampled with two steps (warm-up: loads the
+models, fills allocator caches; not timed), then ``repeats`` interleaved rounds are timed (each round
+runs every row once, so slow drifts of the machine hit all rows alike); a row's first timed run gives
+the output that is compared (runs are deterministic from the seed).  Reported per row: median wall time, speed ratio against
 the original (medians of the same rounds), PSNR/SSIM of the final latent against the original's
 (:mod:`..core.measure`; latents, not decoded images: no VAE needed) and the FreeSpeed nodes' own
 run stats.  With ``fewer_steps`` on, the original is also timed at fewer steps: the fair
@@ -35,6 +36,9 @@ from .hooks import CATEGORY, check_sampler_and_scheduler, prepare_sampling
 logger = logging.getLogger("FreeSpeed")
 
 
+WARMUP_STEPS = 2     # the untimed warm-up run of each row
+
+
 def freespeed_stats(model) -> list[tuple[str, dict]]:
     """(technique name, last run stats) of every FreeSpeed technique installed on ``model``."""
     out = []
@@ -60,6 +64,8 @@ def run_benchmark(model, patched, positive, negative, latent: dict, seed: int, s
                   sampler_name: str, scheduler: str, repeats: int = 2, fewer_steps: bool = True,
                   denoise: float = 1.0) -> dict:
     """Time and compare; returns the result document (rows with times, ratio, PSNR, SSIM, stats)."""
+    if repeats < 1:
+        raise ValueError("FreeSpeed Benchmark: repeats must be >= 1")
     if steps < 1:
         raise ValueError("FreeSpeed Benchmark: steps must be >= 1")
     latent_image, noise, noise_mask = prepare_sampling(model, latent, seed)
@@ -72,12 +78,12 @@ def run_benchmark(model, patched, positive, negative, latent: dict, seed: int, s
     device = comfy.model_management.get_torch_device()
     cuda = getattr(device, "type", "") == "cuda"
 
-    def sample(r: dict):
+    def sample(r: dict, n_steps: int = 0):
         comfy.model_management.throw_exception_if_processing_interrupted()
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        out = comfy.sample.sample(r["model"], noise, r["steps"], cfg, sampler_name, scheduler, positive, negative,
+        out = comfy.sample.sample(r["model"], noise, n_steps or r["steps"], cfg, sampler_name, scheduler, positive, negative,
                                   latent_image, denoise=denoise, noise_mask=noise_mask, seed=seed,
                                   disable_pbar=True)
         if cuda:
@@ -85,15 +91,17 @@ def run_benchmark(model, patched, positive, negative, latent: dict, seed: int, s
         pbar.update(1)
         return out, time.perf_counter() - t0
 
-    for r in rows:                                   # warm-up: loads models, gives the compared outputs
-        out, _ = sample(r)
-        r["out"] = out.float().cpu()
-        if r["kind"] == "patched":
-            r["stats"] = freespeed_stats(patched)
+    for r in rows:                                   # warm-up: loads the models; not timed
+        sample(r, min(WARMUP_STEPS, r["steps"]))
         r["times"] = []
     for lbl, _ in measure.interleaved_order(repeats, labels=tuple(range(len(rows))), warmup=0):
-        _, secs = sample(rows[lbl])
-        rows[lbl]["times"].append(secs)
+        r = rows[lbl]
+        out, secs = sample(r)
+        r["times"].append(secs)
+        if "out" not in r:                           # the first timed run gives the compared output
+            r["out"] = out.float().cpu()
+            if r["kind"] == "patched":
+                r["stats"] = freespeed_stats(patched)
     ref = rows[0]["out"]
     base = measure.median(rows[0]["times"])
     doc_rows = []

@@ -179,3 +179,12 @@ def test_suite_compares_each_row_with_the_fewer_steps_run_of_equal_time():
     assert "fewer_steps_match" not in by["steps10"]
     # slower than the baseline (here: an exact no-op) is compared with the baseline itself, never "better"
     assert by["slow"]["fewer_steps_match"]["baseline"] is True and by["slow"]["beats_fewer_steps"] is False
+
+
+def test_case_settings_are_parsed_as_json_where_they_parse():
+    from bench.case_sampling import parse_settings
+    assert parse_settings(["cache_limit_mb=4096", "map_dtype=fp32", "cache_on_cpu=true", "start=0.6"]) == {
+        "cache_limit_mb": 4096, "map_dtype": "fp32", "cache_on_cpu": True, "start": 0.6}
+    assert parse_settings([]) == {}
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_settings(["cache_limit_mb"])

@@ -52,6 +52,7 @@ def test_benchmark_rows_ratios_and_fidelity(t15):
     assert all(math.isfinite(r["psnr_db"]) for r in rows[2:])
     (name, stats), = rows[1]["stats"]
     assert name == "ToDo" and stats["downsampled_calls"] > 0
+    assert stats["steps"] == 6                          # from a timed full run, not the 2-step warm-up
     want = measure.match_fewer_steps({r["steps"]: r["median_s"] for r in rows[2:]}, rows[1]["median_s"])
     assert rows[1]["fewer_steps_match"] == want
 
