@@ -185,11 +185,11 @@ def run_speed(opts: SpeedOptions, t_start: Optional[float] = None, bm: Optional[
         p_inst = Instrument(kernel, sync, record_attention=record_in_timed)
         p_inst.install(patched)
         technique = find_technique(patched, tech.key)
-        models = {timing.BASE: (base, b_inst), timing.PATCHED: (patched, p_inst)}
+        sides = {timing.BASE: (base, b_inst), timing.PATCHED: (patched, p_inst)}
         label = KERNEL_LABELS.get(kernel, kernel)
 
         def one(lbl: str, width: int, height: int, warm: bool, profile: bool = False) -> dict:
-            model, inst = models[lbl]
+            model, inst = sides[lbl]
             inst.reset()
             inst.record_attention = record_in_timed or profile
             wall = sample_once(bm, model, opts, width, height)
@@ -238,7 +238,7 @@ def run_speed(opts: SpeedOptions, t_start: Optional[float] = None, bm: Optional[
             for lbl in (timing.BASE, timing.PATCHED):
                 runs.append(one(lbl, opts.width, opts.height, warm=False, profile=True))
         results.append(summarize_kernel(kernel, runs, f, want_batch))
-        del base, patched, models
+        del base, patched, sides
 
     return document(tech.name, tech.describe(topts), environment(device), config_dict(opts, bm, warmup, want_batch),
                     results, time.perf_counter() - t_start)

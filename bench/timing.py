@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 # the pure timing functions live in the pack's core (shared with the FreeSpeed Benchmark node)
 from .host import register_package
