@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixture (trained here), sd15 / sdxl (full-size, random weights: speed only) or a checkpoint path")
     p.add_argument("--resolution", type=parse_resolution, default=None, metavar="PIXELS",
                    help="image size, e.g. 512 or 768x512 (default: fixture 128, sd15 512, sdxl 1024)")
-    p.add_argument("--batch", type=int, default=4, help="latent batch (fixture: one sample per prompt)")
+    p.add_argument("--batch", type=int, default=0,
+                   help="latent batch (0: fixture 4 = one sample per prompt, full-size models and checkpoints 1)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")

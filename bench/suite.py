@@ -209,7 +209,7 @@ class SuiteOptions:
     model: str = "fixture"
     width: int = 0                   # 0: the model's default (fixture 128, sd15 512, sdxl 1024)
     height: int = 0
-    batch: int = 4
+    batch: int = 0                   # 0: the model's default (fixture 4 = one sample per prompt, others 1)
     steps: int = 20
     sampler: str = "euler"
     scheduler: str = "normal"
@@ -234,7 +234,8 @@ def resolve(opts: SuiteOptions) -> SuiteOptions:
     w = opts.width or size
     h = opts.height or size
     cfg = opts.cfg or (5.0 if opts.model == "fixture" else 7.0)
-    return SuiteOptions(**{**opts.__dict__, "width": w, "height": h, "cfg": cfg})
+    batch = opts.batch or (len(FIXTURE_PROMPTS) if opts.model == "fixture" else 1)
+    return SuiteOptions(**{**opts.__dict__, "width": w, "height": h, "cfg": cfg, "batch": batch})
 
 
 def row_stats(model, keys: tuple) -> tuple[dict, str]:

@@ -188,3 +188,11 @@ def test_case_settings_are_parsed_as_json_where_they_parse():
     assert parse_settings([]) == {}
     with pytest.raises(ValueError, match="NAME=VALUE"):
         parse_settings(["cache_limit_mb"])
+
+
+def test_suite_defaults_depend_on_the_model():
+    from bench.suite import SuiteOptions, resolve
+    fx, sd, xl = resolve(SuiteOptions()), resolve(SuiteOptions(model="sd15")), resolve(SuiteOptions(model="sdxl"))
+    assert (fx.batch, fx.width, fx.cfg) == (4, 128, 5.0)           # one sample per fixture prompt
+    assert (sd.batch, sd.width, sd.cfg) == (1, 512, 7.0) and (xl.batch, xl.width) == (1, 1024)
+    assert resolve(SuiteOptions(model="sd15", batch=3, width=256, height=256)).batch == 3
