@@ -1,16 +1,15 @@
 """``python -m bench`` — FreeSpeed's benchmark CLI.
 
-Built-in default (what ``make bench`` runs): the suite (:mod:`bench.suite`) on the fixture model
-trained here (``bench/fixture.py``): baseline, every FreeSpeed node at its defaults, a stacked
-preset, fewer-steps runs and ComfyUI's built-in peers (TomePatchModel, HyperTile, EasyCache),
-20 steps euler, CFG 5, one sample per fixture prompt (batch 4), interleaved rounds fitted to
-``--budget``.  Prints the table (wall time, ratio, PSNR/SSIM against the full run, peak memory,
-the node's own stats, the fewer-steps run of equal time) and writes ``bench/out/suite.{json,md,png}``.
-``--model sd15|sdxl`` runs the full-size architectures (random weights: speed only),
-``--model PATH`` a checkpoint.
+Built-in default (what ``make bench`` runs): the suite (:mod:`bench.suite`) on ``fixture``, the SD1.x-family
+UNet trained here: baseline, every FreeSpeed node at its defaults, a stacked preset, fewer-steps runs and
+ComfyUI's peers, on the fixture's bench set (prompts x seeds), interleaved rounds fitted to ``--budget``;
+closeness (PSNR/SSIM vs the full run) and quality (prompt accuracy, fixture FD) per row, each row's verdict
+against the fewer-steps run of equal time on both axes, and the fixture's realism figures.  Writes
+``bench/out/suite.{json,md,png}``.  ``--model fixture-sdxl|fixture-flux|fixture-pixart`` (the other fixtures),
+``sd15|sdxl`` (full-size, random weights: speed only) or a checkpoint path.
 
-``python -m bench speed [...]``: the attention-kernel measurement of ToDo (attention share, ideal
-and measured ratio per kernel, one model evaluation; ``python -m bench speed --help``).
+``python -m bench sweep --technique NAME``: the tuning sweep (held-out prompts; :mod:`bench.sweep`).
+``python -m bench speed [...]``: ToDo's attention-kernel measurement.
 """
 from __future__ import annotations
 
@@ -42,12 +41,12 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 def build_speed_parser() -> argparse.ArgumentParser:
     from .models import PUBLIC_MODELS, SPECS
-    from .techniques import TECHNIQUES
+    from .speed import SPEED_SPECS
     p = argparse.ArgumentParser(prog="python -m bench speed",
                                 description="ToDo's attention-kernel measurement: attention share, ideal and measured "
                                             "ratio per kernel, one model evaluation of the full-size architecture.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--technique", choices=sorted(TECHNIQUES), default="todo", help="technique to measure")
+    p.add_argument("--technique", choices=sorted(SPEED_SPECS), default="todo", help="technique to measure")
     p.add_argument("--model", choices=list(SPECS), default="sd15", metavar="{" + ",".join(PUBLIC_MODELS) + "}",
                    help="architecture (full size, random weights)")
     p.add_argument("--resolution", type=parse_resolution, default=(1024, 1024), metavar="PIXELS",
@@ -104,21 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="python -m bench speed --help: ToDo's attention-kernel measurement")
     p.add_argument("--model", default="fixture",
-                   help="fixture (trained here), sd15 / sdxl (full-size, random weights: speed only) or a checkpoint path")
+                   help="fixture / fixture-sdxl / fixture-flux / fixture-pixart (trained here), sd15 / sdxl "
+                        "(full-size, random weights: speed only) or a checkpoint path")
     p.add_argument("--resolution", type=parse_resolution, default=None, metavar="PIXELS",
-                   help="image size, e.g. 512 or 768x512 (default: fixture 128, sd15 512, sdxl 1024)")
+                   help="image size, e.g. 512 or 768x512 (default: sd15 512, sdxl 1024; fixtures have their own)")
     p.add_argument("--batch", type=int, default=0,
-                   help="latent batch (0: fixture 4 = one sample per prompt, full-size models and checkpoints 1)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="euler")
-    p.add_argument("--scheduler", default="normal")
-    p.add_argument("--cfg", type=float, default=0.0, help="CFG scale (0: fixture 5, others 7)")
+                   help="latent batch (0: fixtures 32 = 16 bench prompts x 2 seeds, 64 = the whole bench set; full-size models and checkpoints 1)")
+    p.add_argument("--steps", type=int, default=0, help="0: the model's default (20)")
+    p.add_argument("--sampler", default="", help="default: the model's (euler)")
+    p.add_argument("--scheduler", default="", help="default: the model's (normal)")
+    p.add_argument("--cfg", type=float, default=0.0, help="CFG scale (0: the fixture's own, others 7)")
     p.add_argument("--rows", default="", help="comma-separated rows (default all): " + ", ".join(_row_names()))
     p.add_argument("--fewer-steps", default="", help="comma-separated step counts for the fewer-steps curve "
                                                      "(default: 6 counts from steps/4 to steps-1)")
     p.add_argument("--repeats", type=int, default=0, help="interleaved rounds; 0 = fit --budget")
     p.add_argument("--max-repeats", type=int, default=5)
-    p.add_argument("--budget", type=float, default=360.0, help="seconds the automatic round count aims to fit in")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds the automatic round count aims to fit in")
     p.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run of each row")
     p.add_argument("--attention", choices=("default", "pytorch"), default="default",
                    help="default = ComfyUI's choice (sub-quadratic on CPU), pytorch = SDPA")
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _row_names() -> list[str]:
-    return ["todo", "tgate", "encprop", "mapreuse", "atedm", "stacked", "tome", "hypertile", "easycache"]
+    from .suite import row_names
+    return row_names()
 
 
 def _csv(text: str) -> Optional[list]:
@@ -174,6 +175,9 @@ def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "speed":
         return main_speed(argv[1:], t_start)
+    if argv and argv[0] == "sweep":
+        from .sweep import main as main_sweep
+        return main_sweep(argv[1:], t_start, _setup)
     if "-h" in argv or "--help" in argv:
         build_parser().parse_args(argv)
     # ComfyUI's flags (--cpu, SDPA) must be set before comfy.model_management is imported

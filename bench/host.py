@@ -59,6 +59,19 @@ class HostNotFound(RuntimeError):
     pass
 
 
+def add_to_path(host: str) -> None:
+    """Put the host on ``sys.path`` and, as its main.py does, import its ``utils`` package before
+    nodes.py puts ``comfy/`` on ``sys.path`` (else a later ``import utils.x`` finds comfy/utils.py)."""
+    if host not in sys.path:
+        sys.path.insert(0, host)
+    import importlib
+    for name in ("utils.install_util", "utils.json_util"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def setup(device: str = "cpu", pytorch_attention: bool = False) -> str:
     """Find the host, put it on sys.path, set ComfyUI's flags and register the pack.
 
@@ -71,8 +84,7 @@ def setup(device: str = "cpu", pytorch_attention: bool = False) -> str:
     host, looked = find_host()
     if host is None:
         raise HostNotFound(f"no ComfyUI host found (looked at: {looked}); set COMFYUI_PATH")
-    if host not in sys.path:
-        sys.path.insert(0, host)
+    add_to_path(host)
     if "comfy.model_management" not in sys.modules:
         from comfy.cli_args import args  # parses nothing: comfy.options.args_parsing is False
         if device == "cpu":

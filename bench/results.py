@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import time
 
+from comfyui_freespeed.core import measure
+
 from . import timing
 
 SCHEMA = "freespeed-bench/speed/1"
@@ -40,18 +42,18 @@ def summarize_kernel(kernel: str, runs: list, factor: float, want_batch: int) ->
     * ideal ratio from the touched share and ``factor`` (:func:`bench.timing.ideal_ratio`).
     """
     timed = [r for r in runs if not r["warmup"] and not r["profile"]]
-    base = [r for r in timed if r["label"] == timing.BASE]
-    patched = [r for r in timed if r["label"] == timing.PATCHED]
+    base = [r for r in timed if r["label"] == measure.BASE]
+    patched = [r for r in timed if r["label"] == measure.PATCHED]
     prof = [r for r in runs if r["attention_calls"] and not r["warmup"]]
-    prof_base = [r for r in prof if r["label"] == timing.BASE] or base
-    prof_patched = [r for r in prof if r["label"] == timing.PATCHED] or patched
-    measured = timing.speed_ratio([r["model_s"] for r in base], [r["model_s"] for r in patched])
-    wall = timing.speed_ratio([r["wall_s"] for r in base], [r["wall_s"] for r in patched])
-    share_all = timing.median(r["attention_share"] for r in prof_base)
-    share_sel = timing.median(r["selected_share"] for r in prof_base)
+    prof_base = [r for r in prof if r["label"] == measure.BASE] or base
+    prof_patched = [r for r in prof if r["label"] == measure.PATCHED] or patched
+    measured = measure.speed_ratio([r["model_s"] for r in base], [r["model_s"] for r in patched])
+    wall = measure.speed_ratio([r["wall_s"] for r in base], [r["wall_s"] for r in patched])
+    share_all = measure.median(r["attention_share"] for r in prof_base)
+    share_sel = measure.median(r["selected_share"] for r in prof_base)
     ideal = timing.ideal_ratio_from_share(share_sel, factor)
-    sel_base = timing.median(r["selected_s"] for r in prof_base)
-    sel_patched = timing.median(r["selected_s"] for r in prof_patched)
+    sel_base = measure.median(r["selected_s"] for r in prof_base)
+    sel_patched = measure.median(r["selected_s"] for r in prof_patched)
     batches = sorted({b for r in timed for b in r["unet_batch"]})
     stats = next((r.get("technique_stats") for r in reversed(patched) if r.get("technique_stats")), {})
     return {
@@ -60,8 +62,8 @@ def summarize_kernel(kernel: str, runs: list, factor: float, want_batch: int) ->
         "repeats": len(base),
         "base_s": [r["model_s"] for r in base],
         "patched_s": [r["model_s"] for r in patched],
-        "base_median_s": timing.median(r["model_s"] for r in base),
-        "patched_median_s": timing.median(r["model_s"] for r in patched),
+        "base_median_s": measure.median(r["model_s"] for r in base),
+        "patched_median_s": measure.median(r["model_s"] for r in patched),
         "base_wall_s": [r["wall_s"] for r in base],
         "patched_wall_s": [r["wall_s"] for r in patched],
         "measured_ratio": measured,

@@ -33,15 +33,16 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from comfyui_freespeed.core import measure
+
 from . import timing
-from .instrument import Instrument, count_attention_modules, find_technique
+from .instrument import Instrument, count_attention_modules
 from .models import SPECS, BenchModel, build, resolve_dtype
 from .results import KERNEL_LABELS, document, summarize_kernel
-from .techniques import TECHNIQUES, TechniqueOptions
 
 logger = logging.getLogger("FreeSpeed.bench")
 
@@ -51,6 +52,56 @@ WARMUP_RESOLUTION = 128       # pixels, for warmup="small" (first-call costs, no
 
 class BenchError(RuntimeError):
     """A check failed: the measurement would not mean what it says."""
+
+
+# ------------------------------------------------------------------------------------------------
+# what the kernel measurement knows of a technique (ToDo only: it shrinks K/V of chosen calls)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TechniqueOptions:
+    factor: float = 2.0          # ToDo: K/V downsampling factor per side
+    level: int = 1               # ToDo: attention level it is applied at (1 = highest resolution)
+    method: str = "nearest"      # ToDo: downsampling method
+
+
+def todo_factors(level: int, factor: float) -> tuple:
+    """ToDoConfig.factors with ``factor`` at attention ``level`` and 1 (off) at the other levels."""
+    if level < 1:
+        raise ValueError("level must be >= 1")
+    return tuple(float(factor) if i == level - 1 else 1.0 for i in range(max(level, 2)))
+
+
+@dataclass(frozen=True)
+class SpeedSpec:
+    key: str                                        # core.techniques key
+    describe: Callable[[TechniqueOptions], str]
+    settings: Callable[[TechniqueOptions], dict]    # options -> the technique's config fields
+    # (ModelInfo, options) -> predicate on instrument.AttnCall: the calls the technique shrinks
+    selector: Callable[[Any, TechniqueOptions], Callable[[Any], bool]]
+    factor: Callable[[TechniqueOptions], float]     # per-side K/V reduction f (cost ∝ Nq·Nk: at best f² cheaper)
+    check: Callable[[dict], Optional[str]]          # stats -> a problem if the run shows it did nothing
+
+    def apply(self, model, opts: TechniqueOptions):
+        from comfyui_freespeed.nodes import registry
+        return registry.apply(self.key, model, registry.config(self.key, **self.settings(opts)))
+
+
+def _todo_check(stats: dict) -> Optional[str]:
+    if not stats:
+        return "ToDo recorded no run (its OUTER_SAMPLE wrapper did not fire)"
+    if not stats.get("downsampled_calls"):
+        return f"ToDo downsampled no self-attention call (stats: {stats})"
+    return None
+
+
+SPEED_SPECS: dict[str, SpeedSpec] = {
+    "todo": SpeedSpec(
+        "todo", describe=lambda o: f"ToDo factor {o.factor:g} at attention level {o.level} ({o.method})",
+        settings=lambda o: {"factors": todo_factors(o.level, o.factor), "method": o.method},
+        selector=lambda info, o: (lambda call: call.kind == "self" and call.block is not None
+                                  and info.attention_level(call.block) == o.level),
+        factor=lambda o: float(o.factor), check=_todo_check),
+}
 
 
 @dataclass
@@ -152,10 +203,12 @@ def check_run(rec: dict, inst: Instrument, n_attn: int, kernel: str) -> None:
 # ------------------------------------------------------------------------------------------------
 def run_speed(opts: SpeedOptions, t_start: Optional[float] = None, bm: Optional[BenchModel] = None) -> dict:
     """Run the speed comparison; returns the result document (see :mod:`bench.report`)."""
-    from comfyui_freespeed.nodes.hooks import detect_model
+    from comfyui_freespeed.core.techniques import get
+    from comfyui_freespeed.nodes.hooks import find
+    from comfyui_freespeed.nodes.sites import detect_model
 
     t_start = time.perf_counter() if t_start is None else t_start
-    tech = TECHNIQUES[opts.technique]
+    tech = SPEED_SPECS[opts.technique]
     topts = opts.technique_options()
     device = resolve_device(opts.device) if bm is None else bm.device
     dtype = resolve_dtype(opts.dtype, device) if bm is None else bm.dtype
@@ -184,8 +237,8 @@ def run_speed(opts: SpeedOptions, t_start: Optional[float] = None, bm: Optional[
         patched = tech.apply(bm.patcher, topts)
         p_inst = Instrument(kernel, sync, record_attention=record_in_timed)
         p_inst.install(patched)
-        technique = find_technique(patched, tech.key)
-        sides = {timing.BASE: (base, b_inst), timing.PATCHED: (patched, p_inst)}
+        technique = find(patched, get(tech.key).wrapper_key)
+        sides = {measure.BASE: (base, b_inst), measure.PATCHED: (patched, p_inst)}
         label = KERNEL_LABELS.get(kernel, kernel)
 
         def one(lbl: str, width: int, height: int, warm: bool, profile: bool = False) -> dict:
@@ -196,7 +249,7 @@ def run_speed(opts: SpeedOptions, t_start: Optional[float] = None, bm: Optional[
             rec = {"label": lbl, "warmup": warm, "profile": profile, "wall_s": wall,
                    **summarize_forwards(inst.forwards, select), "kernel_calls": dict(inst.kernel_calls)}
             check_run(rec, inst, n_attn, kernel)
-            if lbl == timing.PATCHED:
+            if lbl == measure.PATCHED:
                 stats = dict(getattr(technique, "last_stats", {}) or {})
                 problem = tech.check(stats)
                 if problem:
@@ -209,38 +262,28 @@ def run_speed(opts: SpeedOptions, t_start: Optional[float] = None, bm: Optional[
             return rec
 
         runs: list[dict] = []
-        t_k = time.perf_counter()
         if warmup != "none":
             logger.info("%s: warm-up at %dx%d", label, wu_w, wu_h)
-            for lbl in (timing.BASE, timing.PATCHED):
-                runs.append(one(lbl, wu_w, wu_h, warm=True))
-        warm_s = time.perf_counter() - t_k
-        rounds, round_s = 0, 0.0
         logger.info("%s: timed runs at %dx%d (latent %dx%d, batch %d, %d step(s), cfg %g)", label, opts.width,
                     opts.height, opts.width // 8, opts.height // 8, opts.batch, opts.steps, opts.cfg)
-        while True:
-            if opts.repeats > 0:
-                if rounds >= opts.repeats:
-                    break
-            else:
-                left = len(opts.kernels) - ki - 1
-                reserve = left * (warm_s + round_s) + (0 if record_in_timed else 2 * round_s)
-                if not timing.want_another_round(rounds, opts.max_repeats, time.perf_counter() - t_start, round_s,
-                                                 reserve, opts.budget_s):
-                    break
-            t_r = time.perf_counter()
-            for lbl in (timing.BASE, timing.PATCHED):
-                runs.append(one(lbl, opts.width, opts.height, warm=False))
-            rounds += 1
-            round_s = time.perf_counter() - t_r
+
+        def run(lbl: str, warm: bool):
+            rec = one(lbl, wu_w, wu_h, warm=True) if warm else one(lbl, opts.width, opts.height, warm=False)
+            runs.append(rec)
+            return rec, rec["wall_s"]
+
+        left = len(opts.kernels) - ki - 1
+        reserve = (lambda round_s, warm_s: left * (warm_s + round_s) + (0 if record_in_timed else 2 * round_s))
+        measure.timed_rounds((measure.BASE, measure.PATCHED), run, repeats=opts.repeats, max_rounds=opts.max_repeats,
+                             budget_s=opts.budget_s, t_start=t_start, reserve_s=reserve, warmup=warmup != "none")
         if not record_in_timed:
             logger.info("%s: profiling runs (attention calls timed one by one)", label)
-            for lbl in (timing.BASE, timing.PATCHED):
+            for lbl in (measure.BASE, measure.PATCHED):
                 runs.append(one(lbl, opts.width, opts.height, warm=False, profile=True))
         results.append(summarize_kernel(kernel, runs, f, want_batch))
         del base, patched, sides
 
-    return document(tech.name, tech.describe(topts), environment(device), config_dict(opts, bm, warmup, want_batch),
+    return document(tech.key, tech.describe(topts), environment(device), config_dict(opts, bm, warmup, want_batch),
                     results, time.perf_counter() - t_start)
 
 

@@ -1,29 +1,20 @@
 """The benchmark's main job: every FreeSpeed node, a stacked preset, fewer-steps runs and ComfyUI's
-built-in peers, timed side by side and compared with the full run.
+built-in peers, timed side by side and judged on two axes against the full run.
 
-What one run does
------------------
-1. Builds the model: ``fixture`` (the small SD1.x-family UNet trained here, ``bench/fixture.py``:
-   real, peaked attention, so fidelity figures mean something), ``sd15`` / ``sdxl`` (full-size
-   architectures with random weights: speed only, their PSNR is not meaningful), or a checkpoint
-   path (a user's own weights; prompts encoded with its CLIP).
-2. Makes one MODEL per row by running the pack's own node code (or the peer node's ``execute``)
-   on clones of it.  Rows: ``baseline``; each FreeSpeed node at its defaults; ``stacked`` (ToDo +
-   T-GATE + Encoder Propagation); ``euler N steps`` rows (the baseline with fewer steps: the fair
-   comparison); peers ``TomePatchModel`` (ratio 0.3), ``HyperTile`` and ``EasyCache`` at their
-   defaults.
-3. Samples every row with ``comfy.sample.sample`` (what KSampler runs) from the same noise and
-   prompts, in interleaved rounds (each round runs every row once, the order rotating), after a
-   short warm-up round (``warmup_steps`` per row, not timed); the number of rounds fits ``budget_s``.
-   The first timed round gives the fidelity outputs and the node stats (runs are deterministic).
-4. Reports per row: median wall time, speed ratio against the baseline's median of the same rounds,
-   PSNR and SSIM of its final latent against the baseline's (:mod:`comfyui_freespeed.core.measure`),
-   the CUDA peak memory when on a GPU, the node's own stats (its canvas readout line), and the
-   fewer-steps run of the same or lower wall time with its PSNR: the row *beats fewer steps* when
-   its PSNR is higher.
-
-The fixture's latent is its image (no VAE): fidelity is computed on the sampled latent in model
-space, batch = one sample per prompt.
+1. The subject: a fixture trained here (``fixture``, ``fixture-sdxl``, ``fixture-flux``,
+   ``fixture-pixart``: :mod:`bench.fixtures`; its bench set of prompts x seeds, per-sample noise),
+   a full-size architecture with random weights (``sd15``, ``sdxl``: speed only) or a checkpoint.
+2. One MODEL per row through the pack's own node code (or the peer node's ``execute``): ``baseline``,
+   each FreeSpeed node at its defaults, ``stacked``, the baseline with fewer steps (the fair
+   comparison), peers (TomePatchModel, HyperTile, EasyCache).
+3. :func:`measure`: the pack's rounds engine (``core.measure.timed_rounds``): a warm-up round, then
+   interleaved rounds fitted to ``budget_s``; the first timed round gives the outputs (runs are
+   deterministic from the noise).
+4. Per row: ratio against the baseline (with the range of the per-round paired ratios), closeness
+   (PSNR/SSIM against the full run), quality where the subject has ground truth (prompt accuracy and
+   fixture FD, :mod:`bench.fixtures.quality`), and the fewer-steps run of equal wall time with the
+   verdict on both axes (:func:`verdicts`).  Fixtures also report their realism figures
+   (``fixture_checks``).
 """
 from __future__ import annotations
 
@@ -37,10 +28,9 @@ from typing import Any, Callable, Optional
 
 log = logging.getLogger("FreeSpeed.bench")
 
-FIXTURE_PROMPTS = ("large red disc at left", "small blue square at right", "large green bar at top",
-                   "small yellow disc at bottom")
 REAL_PROMPTS = ("a photo of a red fox in the snow, detailed fur", "a watercolor landscape with mountains and a lake",
                 "a portrait of an old fisherman, studio lighting", "a bowl of fruit on a wooden table")
+ACCURACY_SLACK = 0.02        # a quality verdict allows this much lower prompt accuracy than the fewer-steps run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,33 +46,21 @@ class Row:
     steps: Optional[int] = None                 # fewer-steps rows: their step count
 
 
-def _todo(m):
-    from comfyui_freespeed.nodes.todo import ToDoConfig, apply_todo
-    return apply_todo(m, ToDoConfig())
+def technique(key: str, **settings):
+    """The row function of technique ``key`` (its node's defaults, ``settings`` overriding them)."""
+    def apply(m):
+        from comfyui_freespeed.nodes import registry
+        return registry.apply(key, m, registry.config(key, **settings) if settings else None)
+    return apply
 
 
-def _tgate(m):
-    from comfyui_freespeed.nodes.tgate import TGateConfig, apply_tgate
-    return apply_tgate(m, TGateConfig())
-
-
-def _encprop(m):
-    from comfyui_freespeed.nodes.encoder_propagation import EncoderPropagationConfig, apply_encoder_propagation
-    return apply_encoder_propagation(m, EncoderPropagationConfig())
-
-
-def _mapreuse(m):
-    from comfyui_freespeed.nodes.mapreuse import MapReuseConfig, apply_mapreuse
-    return apply_mapreuse(m, MapReuseConfig())
-
-
-def _atedm(m):
-    from comfyui_freespeed.nodes import atedm
-    return atedm.apply_atedm(m, atedm.ATEDMConfig())
+STACKED = ("todo", "tgate", "encprop")        # the stacked preset: ToDo + T-GATE + Encoder Propagation
 
 
 def _stacked(m):
-    return _encprop(_tgate(_todo(m)))
+    for key in STACKED:
+        m = technique(key)(m)
+    return m
 
 
 def _peer(module: str, cls: str, **kw):
@@ -94,37 +72,36 @@ def _peer(module: str, cls: str, **kw):
     return apply
 
 
-def _have_atedm() -> bool:
-    try:
-        from comfyui_freespeed.nodes import atedm  # noqa: F401
-        return hasattr(atedm, "apply_atedm")
-    except Exception:
-        return False
+PEERS = (
+    Row("tome", "ComfyUI TomePatchModel (0.3)", "peer", _peer("comfy_extras.nodes_tomesd", "TomePatchModel", ratio=0.3)),
+    Row("hypertile", "ComfyUI HyperTile (defaults)", "peer",
+        _peer("comfy_extras.nodes_hypertile", "HyperTile", tile_size=256, swap_size=2, max_depth=0, scale_depth=False)),
+    Row("easycache", "ComfyUI EasyCache (defaults)", "peer",
+        _peer("comfy_extras.nodes_easycache", "EasyCacheNode", reuse_threshold=0.2, start_percent=0.15,
+              end_percent=0.95, verbose=False)),
+)
 
 
 def technique_rows() -> list[Row]:
-    rows = [
-        Row("baseline", "baseline", "baseline", lambda m: m.clone()),
-        Row("todo", "FreeSpeed ToDo", "freespeed", _todo, ("freespeed.todo",)),
-        Row("tgate", "FreeSpeed T-GATE", "freespeed", _tgate, ("freespeed.tgate",)),
-        Row("encprop", "FreeSpeed Encoder Propagation", "freespeed", _encprop, ("freespeed.encoder_propagation",)),
-        Row("mapreuse", "FreeSpeed Attention Map Reuse", "freespeed", _mapreuse, ("freespeed.mapreuse",)),
-    ]
-    if _have_atedm():
-        rows.append(Row("atedm", "FreeSpeed AT-EDM", "freespeed", _atedm, ("freespeed.atedm",)))
-    rows += [
-        Row("stacked", "stacked: ToDo + T-GATE + Encoder Propagation", "stacked", _stacked,
-            ("freespeed.todo", "freespeed.tgate", "freespeed.encoder_propagation")),
-        Row("tome", "ComfyUI TomePatchModel (0.3)", "peer", _peer("comfy_extras.nodes_tomesd", "TomePatchModel",
-                                                                  ratio=0.3)),
-        Row("hypertile", "ComfyUI HyperTile (defaults)", "peer",
-            _peer("comfy_extras.nodes_hypertile", "HyperTile", tile_size=256, swap_size=2, max_depth=0,
-                  scale_depth=False)),
-        Row("easycache", "ComfyUI EasyCache (defaults)", "peer",
-            _peer("comfy_extras.nodes_easycache", "EasyCacheNode", reuse_threshold=0.2, start_percent=0.15,
-                  end_percent=0.95, verbose=False)),
-    ]
-    return rows
+    from comfyui_freespeed.core.techniques import BY_KEY, TECHNIQUES
+    rows = [Row("baseline", "baseline", "baseline", lambda m: m.clone())]
+    rows += [Row(t.key, t.label, "freespeed", technique(t.key), (t.wrapper_key,)) for t in TECHNIQUES]
+    rows.append(Row("stacked", "stacked: " + " + ".join(BY_KEY[k].label.replace("FreeSpeed ", "") for k in STACKED),
+                    "stacked", _stacked, tuple(BY_KEY[k].wrapper_key for k in STACKED)))
+    return rows + list(PEERS)
+
+
+def row_names() -> list[str]:
+    return [r.name for r in technique_rows() if r.name != "baseline"]
+
+
+def fewer_steps_rows(steps: int, counts: Optional[list] = None) -> list[Row]:
+    """The fewer-steps curve: 6 counts from steps/4 to steps-1, plus half the steps (a realism figure)."""
+    from comfyui_freespeed.core.measure import fewer_steps_counts
+    if counts is None:
+        counts = sorted(set(fewer_steps_counts(steps)) | ({steps // 2} if steps >= 4 else set()))
+    counts = sorted({int(s) for s in counts if 0 < int(s) < steps})
+    return [Row(f"steps{s}", f"baseline, {s} steps", "fewer_steps", lambda m: m.clone(), (), s) for s in counts]
 
 
 def select_rows(names: Optional[list[str]], steps: int, fewer: Optional[list[int]]) -> list[Row]:
@@ -135,10 +112,7 @@ def select_rows(names: Optional[list[str]], steps: int, fewer: Optional[list[int
         if bad:
             raise ValueError(f"unknown row(s) {', '.join(bad)}; known: {', '.join(known)}")
         rows = [known["baseline"]] + [known[n] for n in names if n != "baseline"]
-    from comfyui_freespeed.core.measure import fewer_steps_counts
-    counts = fewer_steps_counts(steps) if fewer is None else sorted({int(s) for s in fewer if 0 < int(s) < steps})
-    rows += [Row(f"steps{s}", f"baseline, {s} steps", "fewer_steps", lambda m: m.clone(), (), s) for s in counts]
-    return rows
+    return rows + fewer_steps_rows(steps, fewer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,23 +131,38 @@ class Subject:
     fidelity_meaningful: bool
     params_m: float
     notes: list = field(default_factory=list)
+    noise: Any = None                # per-sample noise (fixtures); None: prepare_noise(latent, seed)
+    prompts: Optional[list] = None   # the prompt of each sample (fixtures: quality metrics)
+    fixture: Any = None              # bench.fixtures.families.Fixture
+    defaults: dict = field(default_factory=dict)     # steps / cfg / sampler / scheduler of this subject
+
+
+def is_fixture(model: str) -> bool:
+    from .fixtures.families import FIXTURES
+    return model in FIXTURES
 
 
 def build_subject(model: str, width: int, height: int, batch: int, device, dtype) -> Subject:
     import torch
 
     import comfy.sample
-    if model == "fixture":
-        from . import fixture as fx
-        patcher, table = fx.load(device=device)
-        prompts = [FIXTURE_PROMPTS[i % len(FIXTURE_PROMPTS)] for i in range(batch)]
-        pos = [[fx.encode(prompts, table), {}]]
-        neg = [[fx.encode([""] * batch, table), {}]]
-        latent = torch.zeros(batch, 4, height // 8, width // 8)
-        params = sum(p.numel() for p in patcher.model.diffusion_model.parameters()) / 1e6
-        return Subject("fixture", "FreeSpeed fixture (trained SD1.x-family UNet)", patcher, pos, neg, latent,
-                       lambda x: fx.model_space(patcher, x), True, round(params, 2),
-                       [f"prompts: {', '.join(repr(p) for p in prompts)}"])
+    if is_fixture(model):
+        from .fixtures.families import load_fixture
+        fx = load_fixture(model, device=device)
+        prompts, seeds = fx.bench_set()
+        batch = batch or FIXTURE_BATCH
+        if batch < len(prompts):      # every prompt's first seeds first: all prompts stay covered
+            spp = prompts.count(prompts[0])
+            keep = sorted(sorted(range(len(prompts)), key=lambda i: (i % spp, i // spp))[:batch])
+            prompts, seeds = [prompts[i] for i in keep], [seeds[i] for i in keep]
+        n = len(prompts)
+        return Subject(fx.name, fx.label, fx.patcher, fx.conditioning(prompts), fx.negative(n), fx.empty_latent(n),
+                       fx.to_image, True, fx.params_m,
+                       [f"{n} samples: {len(set(prompts))} bench prompts x {n // max(1, len(set(prompts)))} seeds"],
+                       noise=fx.noise(seeds), prompts=list(prompts), fixture=fx,
+                       defaults={"steps": fx.steps, "cfg": fx.cfg, "sampler": fx.sampler, "scheduler": fx.scheduler,
+                                 "width": fx.size * 8, "height": fx.size * 8})
+    batch = batch or 1
     if os.path.isfile(model):
         import comfy.sd
         out = comfy.sd.load_checkpoint_guess_config(model, output_vae=False, output_clip=True)
@@ -202,23 +191,23 @@ def build_subject(model: str, width: int, height: int, batch: int, device, dtype
 
 
 # ------------------------------------------------------------------------------------------------
-# the run
+# options
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class SuiteOptions:
     model: str = "fixture"
-    width: int = 0                   # 0: the model's default (fixture 128, sd15 512, sdxl 1024)
+    width: int = 0                   # 0: the model's default (fixtures: their own size, sd15 512, sdxl 1024)
     height: int = 0
-    batch: int = 0                   # 0: the model's default (fixture 4 = one sample per prompt, others 1)
-    steps: int = 20
-    sampler: str = "euler"
-    scheduler: str = "normal"
-    cfg: float = 0.0                 # 0: the model's default (fixture 5, others 7)
+    batch: int = 0                   # 0: the model's default (fixtures: FIXTURE_BATCH, others 1)
+    steps: int = 0                   # 0: the model's default (20)
+    sampler: str = ""                # "": the model's default (euler)
+    scheduler: str = ""              # "": the model's default (normal)
+    cfg: float = 0.0                 # 0: the model's default (fixtures: their own, others 7)
     rows: Optional[list] = None      # row names (baseline always included); None = all
     fewer_steps: Optional[list] = None
     repeats: int = 0                 # 0: as many rounds as fit budget_s (at least 1, at most max_repeats)
     max_repeats: int = 5
-    budget_s: float = 360.0
+    budget_s: float = 480.0
     device: str = "auto"
     dtype: str = "auto"
     attention: str = "default"       # "default" (ComfyUI's choice) or "pytorch" (set before the host loads)
@@ -226,26 +215,28 @@ class SuiteOptions:
     warmup_steps: int = 2            # the warm-up round samples every row with this many steps (not timed)
 
 
-DEFAULT_SIZE = {"fixture": 128, "sd15": 512, "sdxl": 1024}
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
+FIXTURE_BATCH = 32      # fixtures: 16 bench prompts x 2 seeds (``--batch 64``: the whole bench set, 4 seeds)
 
 
-def resolve(opts: SuiteOptions) -> SuiteOptions:
+def resolve(opts: SuiteOptions, sub: Optional[Subject] = None) -> SuiteOptions:
+    d = dict(sub.defaults) if sub is not None else {}
     size = DEFAULT_SIZE.get(opts.model, 512)
-    w = opts.width or size
-    h = opts.height or size
-    cfg = opts.cfg or (5.0 if opts.model == "fixture" else 7.0)
-    batch = opts.batch or (len(FIXTURE_PROMPTS) if opts.model == "fixture" else 1)
-    return SuiteOptions(**{**opts.__dict__, "width": w, "height": h, "cfg": cfg, "batch": batch})
+    return SuiteOptions(**{**opts.__dict__,
+                           "width": d.get("width") or opts.width or size, "height": d.get("height") or opts.height or size,
+                           "steps": opts.steps or d.get("steps", 20), "cfg": opts.cfg or d.get("cfg", 7.0),
+                           "sampler": opts.sampler or d.get("sampler", "euler"),
+                           "scheduler": opts.scheduler or d.get("scheduler", "normal"),
+                           "batch": int(sub.latent.shape[0]) if sub is not None else (opts.batch or 1)})
 
 
 def row_stats(model, keys: tuple) -> tuple[dict, str]:
     """The FreeSpeed stats of a row's MODEL after a run, and their readout line(s)."""
-    from comfyui_freespeed.nodes.readout import readout
-
-    from .instrument import find_technique
+    from comfyui_freespeed.core.readout import readout
+    from comfyui_freespeed.nodes.hooks import find
     stats, lines = {}, []
     for key in keys:
-        tech = find_technique(model, key)
+        tech = find(model, key)
         if tech is None or not tech.last_stats:
             continue
         stats[key] = dict(tech.last_stats)
@@ -256,22 +247,19 @@ def row_stats(model, keys: tuple) -> tuple[dict, str]:
     return stats, " | ".join(lines)
 
 
-def run_suite(opts: SuiteOptions, t_start: Optional[float] = None, subject: Optional[Subject] = None) -> dict:
-    """Run the benchmark; returns the result document (see :mod:`bench.suite_report`)."""
+# ------------------------------------------------------------------------------------------------
+# measuring rows
+# ------------------------------------------------------------------------------------------------
+def measure(sub: Subject, rows: list[Row], opts: SuiteOptions, t_start: Optional[float] = None) -> tuple[list, int]:
+    """Time and judge ``rows`` on ``sub`` (options resolved); returns (row records, rounds)."""
     import torch
 
     import comfy.sample
-    from comfyui_freespeed.core import measure
+    from comfyui_freespeed.core import measure as M
 
-    from .speed import environment, resolve_device
-    from .models import resolve_dtype
+    from .speed import resolve_device
 
     t_start = t_start or time.perf_counter()
-    opts = resolve(opts)
-    device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device)
-    sub = subject or build_subject(opts.model, opts.width, opts.height, opts.batch, device, dtype)
-    rows = select_rows(opts.rows, opts.steps, opts.fewer_steps)
     models = {}
     for r in rows:
         try:
@@ -279,131 +267,175 @@ def run_suite(opts: SuiteOptions, t_start: Optional[float] = None, subject: Opti
         except Exception as e:  # a technique that refuses the model: a row with the reason, not a crash
             log.warning("row %s: %s", r.name, e)
             models[r.name] = e
-    noise = comfy.sample.prepare_noise(sub.latent, opts.seed)
-    cuda = device.type == "cuda"
+    noise = sub.noise if sub.noise is not None else comfy.sample.prepare_noise(sub.latent, opts.seed)
+    cuda = resolve_device(opts.device).type == "cuda"
 
-    def sample(r: Row, steps: Optional[int] = None):
-        m = models[r.name]
-        steps = steps or r.steps or opts.steps
+    def sample(r: Row, steps: int):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = comfy.sample.sample(m, noise, steps, opts.cfg, opts.sampler, opts.scheduler, sub.positive,
-                                      sub.negative, sub.latent, denoise=1.0, seed=opts.seed, disable_pbar=True)
+            out = comfy.sample.sample(models[r.name], noise, steps, opts.cfg, opts.sampler, opts.scheduler,
+                                      sub.positive, sub.negative, sub.latent, denoise=1.0, seed=opts.seed,
+                                      disable_pbar=True)
         if cuda:
             torch.cuda.synchronize()
-        secs = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
-        return out, secs, peak
+        return out, time.perf_counter() - t0, (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None)
 
-    live = [r for r in rows if not isinstance(models[r.name], Exception)]
-    times: dict[str, list[float]] = {r.name: [] for r in rows}
-    outputs, peaks, stats, readouts = {}, {}, {}, {}
+    live = {r.name: r for r in rows if not isinstance(models[r.name], Exception)}
 
-    def fail(r: Row, e: Exception) -> None:   # a row that raises: reported with the reason, the others go on
-        log.warning("row %s failed: %s", r.name, e)
-        models[r.name] = e
+    def run(name: str, warm: bool):
+        r = live[name]
+        steps = r.steps or opts.steps
+        out, secs, peak = sample(r, max(1, min(opts.warmup_steps, steps)) if warm else steps)
+        if warm:
+            return None, secs
+        stats, line = row_stats(models[name], r.keys)
+        return (out.float().cpu(), peak, stats, line), secs
 
-    # short warm-up round (loads the model, fills allocator caches); not timed
-    t_round = time.perf_counter()
-    for r in live:
-        try:
-            sample(r, steps=max(1, min(opts.warmup_steps, r.steps or opts.steps)))
-        except Exception as e:
-            fail(r, e)
-    live = [r for r in live if not isinstance(models[r.name], Exception)]
-    log.info("warm-up round (%d steps): %d rows in %.1f s", opts.warmup_steps, len(live), time.perf_counter() - t_round)
-    rounds, round_s = 0, 0.0
-    while live:
-        if opts.repeats:
-            if rounds >= opts.repeats:
-                break
-        else:
-            elapsed = time.perf_counter() - t_start
-            if rounds >= 1 and (rounds >= opts.max_repeats or elapsed + round_s > opts.budget_s):
-                break
-        t_round = time.perf_counter()
-        order = live[rounds % len(live):] + live[:rounds % len(live)]      # rotate: no row always first
-        for r in order:
-            try:
-                out, secs, peak = sample(r)
-            except Exception as e:
-                fail(r, e)
-                continue
-            times[r.name].append(secs)
-            if r.name not in outputs:     # the first timed run gives the fidelity output, peak and stats
-                outputs[r.name] = out.float().cpu()  # (FreeSpeed's runs are deterministic from the seed;
-                #  ToMe's merge uses the global RNG, so its PSNR varies between runs)
-                peaks[r.name] = peak
-                stats[r.name], readouts[r.name] = row_stats(models[r.name], r.keys)
-        live = [r for r in live if not isinstance(models[r.name], Exception)]
-        round_s = time.perf_counter() - t_round
-        rounds += 1
-        log.info("round %d: %.1f s", rounds, round_s)
-    if "baseline" not in outputs:
+    res = M.timed_rounds(list(live), run, repeats=opts.repeats, max_rounds=opts.max_repeats, budget_s=opts.budget_s,
+                         t_start=t_start, catch=True, on_round=lambda i, secs: log.info("round %d: %.1f s", i, secs))
+    for name, e in res.failed.items():       # a row that raises: reported with the reason, the others go on
+        log.warning("row %s failed: %s", name, e)
+        models[name] = e
+    log.info("%d interleaved rounds after a %.1f s warm-up", res.rounds, res.warmup_s)
+    if "baseline" not in res.first:
         raise RuntimeError(f"the baseline row failed: {models['baseline']}")
 
-    ref = sub.to_image(outputs["baseline"])
-    base_med = measure.median(times["baseline"])
-    doc_rows = []
+    ref = sub.to_image(res.first["baseline"][0])
+    base_times = res.times["baseline"]
+    base_med = M.median(base_times)
+    out_rows = []
     for r in rows:
-        e = models[r.name]
         rec: dict[str, Any] = {"name": r.name, "label": r.label, "kind": r.kind, "steps": r.steps or opts.steps}
-        if isinstance(e, Exception):
-            rec["error"] = str(e)
-            doc_rows.append(rec)
+        if isinstance(models[r.name], Exception):
+            rec["error"] = str(models[r.name])
+            out_rows.append(rec)
             continue
-        img = sub.to_image(outputs[r.name])
-        med = measure.median(times[r.name])
-        rec.update({
-            "times_s": [round(t, 4) for t in times[r.name]], "median_s": round(med, 4),
-            "ratio": round(base_med / med, 3),
-            "psnr_db": measure.psnr(img, ref), "ssim": round(measure.ssim(img, ref), 4),
-            "peak_mem_mb": None if peaks.get(r.name) is None else round(peaks[r.name], 1),
-            "readout": readouts.get(r.name, ""), "stats": stats.get(r.name, {}),
-        })
-        if math.isfinite(rec["psnr_db"]):
-            rec["psnr_db"] = round(rec["psnr_db"], 2)
-        doc_rows.append(rec)
-    compare_with_fewer_steps(doc_rows)
+        out, peak, stats, line = res.first[r.name]
+        img = sub.to_image(out)
+        times = res.times[r.name]
+        med = M.median(times)
+        paired = [b / t for b, t in zip(base_times, times)]        # per interleaved round
+        p = M.psnr(img, ref)
+        rec.update({"times_s": [round(t, 4) for t in times], "median_s": round(med, 4),
+                    "ratio": round(base_med / med, 3),
+                    "ratio_range": [round(min(paired), 3), round(max(paired), 3)] if len(paired) > 1 else None,
+                    "psnr_db": round(p, 2) if math.isfinite(p) else p,
+                    "ssim": round(M.ssim(_frames(img), _frames(ref)), 4),
+                    "peak_mem_mb": None if peak is None else round(peak, 1), "readout": line, "stats": stats})
+        if sub.prompts is not None:
+            rec.update(quality(img, sub.prompts))
+        rec["_image"] = img
+        out_rows.append(rec)
+    return out_rows, res.rounds
+
+
+def _frames(x):
+    """(B, C, T, H, W) video latents as (B*T, C, H, W) frames for SSIM; images unchanged."""
+    return x.movedim(2, 1).flatten(0, 1) if x.ndim == 5 else x
+
+
+def quality(images, prompts) -> dict:
+    """Prompt accuracy and fixture FD (with its bootstrap spread) of one row's samples."""
+    from .fixtures import quality as Q
+    acc = Q.prompt_accuracy(images, prompts)
+    fd = Q.fd(images, prompts)
+    return {"prompt_accuracy": round(acc["accuracy"], 4), "fd": round(fd["fd"], 3), "fd_spread": round(fd["spread"], 3)}
+
+
+def verdicts(rows: list[dict]) -> None:
+    """Each accelerated row against the fewer-steps run of equal wall time (the one rule of
+    ``core.measure.compare_with_fewer_steps``), on both axes:
+
+    * ``beats_fewer_steps`` (closeness): higher PSNR against the full run;
+    * ``beats_fewer_steps_quality``: lower fixture FD by more than the larger of the two FD spreads,
+      with prompt accuracy no more than ``ACCURACY_SLACK`` below the fewer-steps run's.
+    """
+    from comfyui_freespeed.core import measure as M
+    M.compare_with_fewer_steps(rows)
+    if not any("fd" in r for r in rows):
+        return
+    M.compare_with_fewer_steps(rows, metric="fd", verdict_key="beats_fewer_steps_quality", higher_is_better=False)
+    by_steps = {r["steps"]: r for r in rows if r.get("kind") in ("fewer_steps", "baseline") and "fd" in r}
+    for r in rows:
+        m = r.get("fewer_steps_match")
+        if r.get("beats_fewer_steps_quality") is None or not m:
+            continue
+        other = by_steps.get(m["steps"])
+        m["prompt_accuracy"], m["fd_spread"] = other.get("prompt_accuracy"), other.get("fd_spread")
+        if r["beats_fewer_steps_quality"]:
+            margin = max(r.get("fd_spread") or 0.0, other.get("fd_spread") or 0.0)
+            r["beats_fewer_steps_quality"] = bool(
+                r["fd"] + margin < other["fd"]
+                and r.get("prompt_accuracy", 0.0) >= other.get("prompt_accuracy", 0.0) - ACCURACY_SLACK)
+
+
+def fixture_checks(sub: Subject, rows: list[dict], opts: SuiteOptions) -> Optional[dict]:
+    """The realism figures of a fixture subject, from the rows already sampled (the full and the
+    half-steps run) plus one short self-attention entropy run."""
+    if sub.fixture is None:
+        return None
+    from comfyui_freespeed.core import measure as M
+
+    from .fixtures import realism
+    by = {r["name"]: r for r in rows if "_image" in r}
+    full, half = by.get("baseline"), by.get(f"steps{opts.steps // 2}")
+    out = {"fixture": sub.name, "steps": opts.steps, "sampler": opts.sampler, "n_samples": len(sub.prompts)}
+    if half is not None:
+        out["half_steps_psnr_db"] = round(M.psnr(half["_image"], full["_image"]), 2)
+    out["seed_diversity_psnr_db"] = round(realism.seed_diversity(full["_image"], sub.prompts), 2)
+    out["prompt_accuracy"] = full.get("prompt_accuracy")
+    try:
+        firsts = sorted(set(sub.prompts), key=sub.prompts.index)[:4]
+        out["self_attention_entropy"] = round(realism.self_attention_entropy(sub.fixture, firsts,
+                                                                             list(range(len(firsts))), opts.steps), 4)
+    except Exception as e:       # a figure that cannot be measured is reported missing, never a crash
+        log.warning("self-attention entropy: %s", e)
+    out["targets"] = {k: f"{op} {v:g}" for k, (op, v) in realism.TARGETS.items()}
+    out["targets_met"] = {k: (out[k] <= v if op == "<=" else out[k] >= v)
+                          for k, (op, v) in realism.TARGETS.items() if out.get(k) is not None}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def run_suite(opts: SuiteOptions, t_start: Optional[float] = None, subject: Optional[Subject] = None) -> dict:
+    """Run the benchmark; returns the result document (see :mod:`bench.suite_report`)."""
+    import torch
+
+    from .models import resolve_dtype
+    from .speed import environment, resolve_device
+
+    t_start = t_start or time.perf_counter()
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    pre = resolve(opts)
+    sub = subject or build_subject(opts.model, pre.width, pre.height, opts.batch, device, dtype)
+    opts = resolve(opts, sub)
+    rows = select_rows(opts.rows, opts.steps, opts.fewer_steps)
+    doc_rows, rounds = measure(sub, rows, opts, t_start)
+    verdicts(doc_rows)
+    checks = fixture_checks(sub, doc_rows, opts)
+    for r in doc_rows:
+        r.pop("_image", None)
     return {
-        "kind": "freespeed-bench-suite", "version": 1,
+        "kind": "freespeed-bench-suite", "version": 2,
         "environment": {**environment(device), "torch_threads": torch.get_num_threads(),
                         "cpu": platform.processor() or platform.machine()},
         "config": {"model": sub.name, "model_label": sub.label, "params_m": sub.params_m, "width": opts.width,
                    "height": opts.height, "latent": list(sub.latent.shape), "batch": opts.batch, "steps": opts.steps,
                    "sampler": opts.sampler, "scheduler": opts.scheduler, "cfg": opts.cfg, "seed": opts.seed,
                    "attention": opts.attention, "dtype": str(dtype).replace("torch.", ""), "rounds": rounds,
-                   "fidelity_meaningful": sub.fidelity_meaningful},
+                   "fidelity_meaningful": sub.fidelity_meaningful, "quality": sub.prompts is not None},
+        "fixture_checks": checks,
         "notes": list(sub.notes),
         "rows": doc_rows,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
 
 
-def compare_with_fewer_steps(rows: list[dict]) -> None:
-    """Add to every accelerated row the fewer-steps run it must beat (same or lower wall time) and
-    whether its PSNR is higher (``beats_fewer_steps``); pure, on a list of row records."""
-    from comfyui_freespeed.core import measure
-    # the baseline itself is the top of the curve: a row slower than it is compared with it
-    fewer = [r for r in rows if r.get("kind") in ("fewer_steps", "baseline") and "median_s" in r]
-    step_times = {r["steps"]: r["median_s"] for r in fewer}
-    by_steps = {r["steps"]: r for r in fewer}
-    for r in rows:
-        if r.get("kind") in ("baseline", "fewer_steps") or "median_s" not in r or len(fewer) < 2:
-            continue
-        s = measure.match_fewer_steps(step_times, r["median_s"])
-        if s is None:
-            r["fewer_steps_match"] = None
-            r["beats_fewer_steps"] = None             # faster than every fewer-steps run measured
-            continue
-        m = by_steps[s]
-        r["fewer_steps_match"] = {"steps": s, "median_s": m["median_s"], "psnr_db": m["psnr_db"],
-                                  "baseline": m["kind"] == "baseline"}
-        r["beats_fewer_steps"] = bool(r["psnr_db"] > m["psnr_db"]) if m["kind"] == "fewer_steps" else False
-
-
-__all__ = ["Row", "SuiteOptions", "technique_rows", "select_rows", "run_suite",
-           "compare_with_fewer_steps", "build_subject"]
+__all__ = ["Row", "SuiteOptions", "technique_rows", "row_names", "select_rows", "fewer_steps_rows", "measure",
+           "verdicts", "fixture_checks", "run_suite", "build_subject", "technique", "is_fixture"]

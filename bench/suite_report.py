@@ -9,13 +9,18 @@ from typing import Optional
 
 from .report import table, to_json
 
-COLUMNS = ("row", "steps", "median s", "ratio", "PSNR dB", "SSIM", "peak MB", "vs fewer steps", "node stats")
+COLUMNS = ("row", "steps", "median s", "ratio", "PSNR dB", "SSIM", "acc", "FD", "peak MB", "vs fewer steps",
+           "node stats")
 
 
 def _psnr(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "ref"
     return f"{v:.2f}"
+
+
+def _word(v) -> str:
+    return {True: "better", False: "worse", None: "?"}[v]
 
 
 def _versus(r: dict) -> str:
@@ -28,21 +33,31 @@ def _versus(r: dict) -> str:
         return "faster than all"
     if m.get("baseline"):
         return "not faster than baseline"
-    mark = "better" if r.get("beats_fewer_steps") else "worse"
-    return f"{mark} ({m['steps']} st: {_psnr(m['psnr_db'])})"
+    text = f"{m['steps']} st: closeness {_word(r.get('beats_fewer_steps'))}"
+    if "beats_fewer_steps_quality" in r:
+        text += f", quality {_word(r.get('beats_fewer_steps_quality'))}"
+    return text
+
+
+def _ratio(r: dict) -> str:
+    rng = r.get("ratio_range")
+    return f"{r['ratio']:.2f}x" + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng else "")
 
 
 def rows(doc: dict, readout_width: int = 70) -> list[list[str]]:
     out = []
     for r in doc["rows"]:
         if "error" in r:
-            out.append([r["label"], str(r["steps"]), "-", "-", "-", "-", "-", "", f"not run: {r['error'][:readout_width]}"])
+            out.append([r["label"], str(r["steps"]), "-", "-", "-", "-", "-", "-", "-", "",
+                        f"not run: {r['error'][:readout_width]}"])
             continue
         ro = r.get("readout") or ""
         if len(ro) > readout_width:
             ro = ro[:readout_width - 1] + "…"
-        out.append([r["label"], str(r["steps"]), f"{r['median_s']:.3f}", f"{r['ratio']:.2f}x", _psnr(r["psnr_db"]),
-                    f"{r['ssim']:.3f}", "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}",
+        acc = "-" if r.get("prompt_accuracy") is None else f"{r['prompt_accuracy']:.3f}"
+        fd = "-" if r.get("fd") is None else f"{r['fd']:.2f}±{r.get('fd_spread') or 0:.2f}"
+        out.append([r["label"], str(r["steps"]), f"{r['median_s']:.3f}", _ratio(r), _psnr(r["psnr_db"]),
+                    f"{r['ssim']:.3f}", acc, fd, "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}",
                     _versus(r), ro])
     return out
 
@@ -70,8 +85,29 @@ def goal_lines(doc: dict) -> list[str]:
         if m and m.get("baseline"):
             out.append(f"{r['label']}: {r['ratio']:.2f}x, not faster than the baseline")
             continue
-        verdict = {True: "beats", False: "does not beat", None: "is faster than every"}[v]
-        out.append(f"{r['label']}: {r['ratio']:.2f}x, {verdict} fewer steps at equal time")
+        if m is None:
+            out.append(f"{r['label']}: {r['ratio']:.2f}x, faster than every fewer-steps run measured")
+            continue
+        verdict = {True: "beats", False: "does not beat"}
+        line = f"{r['label']}: {r['ratio']:.2f}x, {verdict[bool(v)]} {m['steps']} steps on closeness"
+        if "beats_fewer_steps_quality" in r:
+            line += f", {verdict[bool(r['beats_fewer_steps_quality'])]} it on quality"
+        out.append(line)
+    return out
+
+
+def check_lines(doc: dict) -> list[str]:
+    """The fixture's realism figures against their targets."""
+    c = doc.get("fixture_checks")
+    if not c:
+        return []
+    out = []
+    for k, target in c.get("targets", {}).items():
+        if c.get(k) is None:
+            out.append(f"{k}: not measured (target {target})")
+            continue
+        met = c.get("targets_met", {}).get(k)
+        out.append(f"{k}: {c[k]:g} (target {target}: {'met' if met else 'NOT met'})")
     return out
 
 
@@ -81,44 +117,57 @@ def notes(doc: dict) -> list[str]:
         n.append("fidelity columns not meaningful for random weights")
     if not any(r.get("peak_mem_mb") is not None for r in doc["rows"]):
         n.append("peak memory is measured on CUDA only")
-    n.append("ratio = baseline median / row median, same interleaved rounds; PSNR/SSIM of the final latent vs "
-             "the baseline's (same noise and prompts); 'vs fewer steps': the baseline with the most steps that "
-             "is not slower than the row")
+    n.append("ratio = baseline median / row median, same interleaved rounds (in brackets: the range of the "
+             "per-round ratios); PSNR/SSIM of the final latent vs the baseline's (same noise and prompts); "
+             "'vs fewer steps': the baseline with the most steps that is not slower than the row")
+    if doc["config"].get("quality"):
+        n.append("acc = prompt accuracy (attributes read back from each sample); FD = fixture FD against true renders "
+                 "of the same prompts (± bootstrap spread); quality 'better' = FD lower by more than the larger "
+                 "spread with prompt accuracy no more than 0.02 lower")
     return n
 
 
 def terminal(doc: dict) -> str:
-    return "\n".join([headline(doc), "", table(list(COLUMNS), rows(doc)), "", *goal_lines(doc),
+    checks = check_lines(doc)
+    return "\n".join([headline(doc), "", *(["fixture checks:", *(f"  {x}" for x in checks), ""] if checks else []),
+                      table(list(COLUMNS), rows(doc)), "", *goal_lines(doc),
                       *(f"note: {x}" for x in notes(doc)), f"total wall time {doc['wall_s']:.0f} s"])
 
 
 def markdown(doc: dict) -> str:
     head = "| " + " | ".join(COLUMNS) + " |"
-    sep = "|" + "|".join(["---"] + ["---:"] * 6 + ["---", "---"]) + "|"
+    sep = "|" + "|".join(["---"] + ["---:"] * 8 + ["---", "---"]) + "|"
     body = ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows(doc, readout_width=90)]
-    return "\n".join([f"**{headline(doc)}**", "", head, sep, *body, "", *(f"- {g}" for g in goal_lines(doc)),
+    checks = check_lines(doc)
+    return "\n".join([f"**{headline(doc)}**", "", *(["Fixture checks:", *(f"- {x}" for x in checks), ""] if checks else []),
+                      head, sep, *body, "", *(f"- {g}" for g in goal_lines(doc)),
                       *(f"- {x}" for x in notes(doc)), ""])
 
 
-def plot(doc: dict, title: Optional[str] = None):
-    """The speed-vs-fidelity plot as a PIL image."""
+def _panel(doc: dict, metric: str, label: str, title: str):
     from comfyui_freespeed.core.charts import speed_fidelity_plot
     pts, curve = [], []
     for r in doc["rows"]:
-        if "median_s" not in r:
+        if "median_s" not in r or r.get(metric) is None:
             continue
-        y = r["psnr_db"] if r["psnr_db"] is not None else math.inf
-        if r["kind"] == "fewer_steps":
+        y = r[metric]
+        if r["kind"] in ("fewer_steps", "baseline"):
             curve.append((r["ratio"], y, f"{r['steps']} st"))
         else:
             pts.append({"label": r["name"], "x": r["ratio"], "y": y})
-    c = doc["config"]
-    base = next((r for r in doc["rows"] if r.get("kind") == "baseline"), None)
-    if base is not None:
-        curve.append((1.0, math.inf if base.get("psnr_db") is None else base["psnr_db"], f"{c['steps']} st"))
     curve = [p for p in curve if math.isfinite(p[1])]
-    return speed_fidelity_plot(pts, curve, title=title or f"{c['model_label']}, {c['width']}x{c['height']}, "
-                                                           f"{c['steps']} steps {c['sampler']}, CFG {c['cfg']:g}")
+    return speed_fidelity_plot(pts, curve, title=title, y_label=label)
+
+
+def plot(doc: dict, title: Optional[str] = None):
+    """The speed-vs-closeness plot and, with quality metrics, the speed-vs-quality plot, as a PIL image."""
+    from comfyui_freespeed.core.charts import stack_images
+    c = doc["config"]
+    head = title or f"{c['model_label']}, {c['width']}x{c['height']}, {c['steps']} steps {c['sampler']}, CFG {c['cfg']:g}"
+    panels = [_panel(doc, "psnr_db", "PSNR vs the full run (dB)", head + ": closeness")]
+    if c.get("quality"):
+        panels.append(_panel(doc, "fd", "fixture FD (lower is better)", head + ": quality"))
+    return panels[0] if len(panels) == 1 else stack_images(panels)
 
 
 def write(doc: dict, out_dir: str, stem: str = "suite") -> list[str]:

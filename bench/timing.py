@@ -1,4 +1,5 @@
-"""Timing logic of the bench: pure functions (no torch, no ComfyUI) plus a device-aware stopwatch.
+"""The ideal-ratio arithmetic of ToDo's kernel measurement (pure) and a device sync.  Rounds, medians and
+speed ratios are :mod:`comfyui_freespeed.core.measure`'s.
 
 How a speed ratio is measured
 -----------------------------
@@ -21,24 +22,7 @@ that does not scale with Nk, only lower the measured ratio.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
-
-# the pure timing functions live in the pack's core (shared with the FreeSpeed Benchmark node)
-from .host import register_package
-
-register_package()
-from comfyui_freespeed.core.measure import (BASE, PATCHED, interleaved_order, median, speed_ratio,  # noqa: F401,E402
-                                            split_runs)
-
-
-def ratio_from_runs(runs: Iterable[tuple[str, float]], base: str = BASE, patched: str = PATCHED) -> float:
-    """Speed ratio from interleaved ``(label, seconds)`` measurements (warm-ups already dropped)."""
-    by = split_runs(runs)
-    if base not in by or patched not in by:
-        raise ValueError(f"need timings for both {base!r} and {patched!r}")
-    return speed_ratio(by[base], by[patched])
+from typing import Callable, Optional
 
 
 def ideal_ratio(total: float, selected: float, factor: float) -> float:
@@ -69,38 +53,9 @@ def share(part: float, total: float) -> float:
     return part / total if total > 0 else 0.0
 
 
-@dataclass
-class Stopwatch:
-    """``perf_counter`` stopwatch that waits for the device first (CUDA kernels are asynchronous)."""
-    sync: Optional[Callable[[], None]] = None
-    laps: list = field(default_factory=list)
-
-    def now(self) -> float:
-        if self.sync is not None:
-            self.sync()
-        return time.perf_counter()
-
-
 def device_sync(device) -> Optional[Callable[[], None]]:
     """A function that waits for ``device`` to finish queued work (None on CPU)."""
     if getattr(device, "type", str(device)) == "cuda":
         import torch
         return lambda: torch.cuda.synchronize(device)
     return None
-
-
-def want_another_round(done: int, max_rounds: int, elapsed_s: float, round_s: float, reserve_s: float,
-                       budget_s: Optional[float]) -> bool:
-    """Whether an automatic repeat count runs one more interleaved round.
-
-    Always at least one round; never more than ``max_rounds``; otherwise only while the elapsed
-    time, one more round (``round_s``, the last round's duration) and the time still reserved for
-    later work (``reserve_s``) fit in ``budget_s``.  ``budget_s=None`` means no budget (max_rounds).
-    """
-    if done < 1:
-        return True
-    if done >= max_rounds:
-        return False
-    if budget_s is None:
-        return True
-    return elapsed_s + round_s + reserve_s <= budget_s

@@ -1,20 +1,20 @@
-"""Explicit attention that can return its softmax map, and attention from a given map.
+"""Explicit attention: the softmax map that no fused kernel returns.
 
 No fused kernel (SDPA, xformers, flash, sage, ComfyUI's sub-quadratic CPU path) returns
-softmax(Q Kᵀ / sqrt(d)), yet attention-map reuse (arXiv 2401.01008) caches it and AT-EDM (arXiv
-2405.05252 Sec. 3.1) ranks tokens with it.  These functions compute it explicitly in ComfyUI's
-layout: q/k/v are ``[B, N, heads * dim_head]`` (projected, not yet split into heads), maps are
-``[B, heads, Nq, Nk]``.
-
-The map is computed in float32 (as ComfyUI's ``attention_basic`` does for fp16 inputs, which
-otherwise overflow in Q Kᵀ) and returned in ``map_dtype`` (fp16 halves a map cache).  Queries can
-be processed in chunks to bound the N x N temporary when no map is kept.
+softmax(Q Kᵀ / sqrt(d)), yet attention-map reuse (arXiv 2401.01008) keeps it and AT-EDM (arXiv
+2405.05252 Sec. 3.1) ranks tokens with it.  Layout is ComfyUI's: q/k/v ``[B, N, heads * dim_head]``
+(projected, not yet split into heads), maps ``[B, heads, Nq, Nk]``.  Scores and softmax are float32
+(as ComfyUI's ``attention_basic`` for fp16 inputs, which otherwise overflow in Q Kᵀ); the float32
+temporaries are bounded by processing queries (or heads) in chunks.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+# at most this many float32 elements of a map at once (256 MB)
+TEMP_ELEMENTS = 2 ** 26
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -29,63 +29,82 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def attention_map(q: torch.Tensor, k: torch.Tensor, heads: int, scale: Optional[float] = None,
-                  mask: Optional[torch.Tensor] = None, map_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """softmax(q kᵀ · scale) per head -> [B, heads, Nq, Nk] (float32 math)."""
+def attention_map(q: torch.Tensor, k: torch.Tensor, heads: int, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale) per head -> [B, heads, Nq, Nk] float32."""
     d = q.shape[-1] // heads
     scale = d ** -0.5 if scale is None else scale
-    qh = split_heads(q, heads).float()
-    kh = split_heads(k, heads).float()
-    sim = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
-        else:
-            sim = sim + mask.float()
-    attn = sim.softmax(dim=-1)
-    return attn if map_dtype is None else attn.to(map_dtype)
+    sim = torch.matmul(split_heads(q, heads).float(), split_heads(k, heads).float().transpose(-1, -2)) * scale
+    return sim.softmax(dim=-1)
 
 
 def attention_from_map(attn: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """map · V with a given map [B, heads, Nq, Nk] and v [B, Nk, heads*D] -> [B, Nq, heads*D]."""
+    """map · V with a map [B, heads, Nq, Nk] and v [B, Nk, heads*D] -> [B, Nq, heads*D] in v's dtype."""
     vh = split_heads(v, heads)
-    out = torch.matmul(attn.to(vh.dtype), vh)
-    return merge_heads(out)
+    return merge_heads(torch.matmul(attn.to(vh.dtype), vh))
 
 
-def attention_with_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                       scale: Optional[float] = None, mask: Optional[torch.Tensor] = None,
-                       map_dtype: Optional[torch.dtype] = None, return_map: bool = True):
-    """Explicit attention.  Returns ``(out, map)`` (``map`` None when ``return_map`` is False).
-
-    ``out`` is in v's dtype and ComfyUI's [B, N, heads*D] layout.
-    """
-    attn = attention_map(q, k, heads, scale=scale, mask=mask)
-    out = attention_from_map(attn, v, heads).to(v.dtype)
-    if not return_map:
-        return out, None
-    return out, attn if map_dtype is None else attn.to(map_dtype)
+def query_chunk(batch: int, heads: int, n_query: int, n_key: int) -> int:
+    return max(1, min(n_query, TEMP_ELEMENTS // max(1, batch * heads * n_key)))
 
 
-def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                      scale: Optional[float] = None, query_chunk: int = 1024) -> torch.Tensor:
-    """Explicit attention without a map, queries in chunks (bounded memory reference)."""
+def explicit_attention(q, k, v, heads: int, map_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output in v's dtype, map [B, heads, Nq, Nk] in ``map_dtype``); queries in chunks so the float32
+    temporary stays bounded (the map itself is written straight into ``map_dtype``)."""
+    b, nq, _ = q.shape
+    nk = k.shape[1]
+    step = query_chunk(b, heads, nq, nk)
+    if step >= nq:
+        attn = attention_map(q, k, heads)
+        return attention_from_map(attn, v.float(), heads).to(v.dtype), attn.to(map_dtype)
+    amap = torch.empty((b, heads, nq, nk), dtype=map_dtype, device=q.device)
     outs = []
-    for s in range(0, q.shape[1], query_chunk):
-        o, _ = attention_with_map(q[:, s:s + query_chunk], k, v, heads, scale=scale, return_map=False)
-        outs.append(o)
-    return torch.cat(outs, dim=1)
+    vf = v.float()
+    for s in range(0, nq, step):
+        attn = attention_map(q[:, s:s + step], k, heads)
+        outs.append(attention_from_map(attn, vf, heads).to(v.dtype))
+        amap[:, :, s:s + step] = attn
+        del attn
+    return torch.cat(outs, dim=1), amap
 
 
-def map_entropy(attn: torch.Tensor) -> float:
-    """Mean row entropy of a map divided by log(Nk): 1.0 = uniform, 0.0 = one-hot."""
-    n_k = attn.shape[-1]
-    if n_k <= 1:
-        return 0.0
-    p = attn.float().clamp_min(1e-12)
-    ent = -(p * p.log()).sum(-1).mean()
-    return float(ent / torch.log(torch.tensor(float(n_k))))
+def map_times_v(amap: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """map · V in v's dtype; a map of another dtype is cast in query chunks (bounded temporaries)."""
+    b, h, nq, nk = amap.shape
+    step = query_chunk(b, h, nq, nk)
+    if amap.dtype == v.dtype or step >= nq:
+        return attention_from_map(amap, v, heads)
+    return torch.cat([attention_from_map(amap[:, :, s:s + step], v, heads) for s in range(0, nq, step)], dim=1)
 
 
-__all__ = ["split_heads", "merge_heads", "attention_map", "attention_from_map", "attention_with_map",
-           "attention_chunked", "map_entropy"]
+def attention_with_mean_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                            scale: Optional[float] = None, chunk_bytes: int = 512 * 2 ** 20):
+    """Explicit attention that also returns the heads-averaged map (AT-EDM's ranking input).
+
+    Returns ``(out [B, Nq, heads*D] in v's dtype, mean_map [B, Nq, Nk] float32)``; heads are
+    processed in chunks of at most ``chunk_bytes`` of scores, so ``B x H x N x N`` never exists.
+    """
+    b, nq, hd = q.shape
+    nk = k.shape[1]
+    d = hd // heads
+    scale = d ** -0.5 if scale is None else scale
+    qh = q.view(b, nq, heads, d).transpose(1, 2)
+    kh = k.view(b, nk, heads, d).transpose(1, 2)
+    vh = v.view(b, nk, heads, v.shape[-1] // heads).transpose(1, 2)
+    per_head = max(1, b * nq * nk * 4)
+    hc = max(1, min(heads, chunk_bytes // per_head))
+    mean = torch.zeros(b, nq, nk, dtype=torch.float32, device=q.device)
+    outs = []
+    for s in range(0, heads, hc):
+        sim = torch.matmul(qh[:, s:s + hc].float(), kh[:, s:s + hc].float().transpose(-1, -2)) * scale
+        attn = sim.softmax(dim=-1)
+        del sim
+        mean += attn.sum(dim=1)
+        outs.append(torch.matmul(attn.to(vh.dtype), vh[:, s:s + hc]))
+        del attn
+    mean /= heads
+    out = torch.cat(outs, dim=1).transpose(1, 2).reshape(b, nq, -1).to(v.dtype)
+    return out, mean
+
+
+__all__ = ["TEMP_ELEMENTS", "split_heads", "merge_heads", "attention_map", "attention_from_map", "explicit_attention",
+           "map_times_v", "attention_with_mean_map"]

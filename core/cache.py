@@ -3,14 +3,9 @@
 One store lives for one sampling run (the hook layer creates it in its OUTER_SAMPLE wrapper and
 drops it at the end), so nothing cached in one run can leak into the next.
 
-Keys are built with :func:`cache_key` from what makes two tensors interchangeable:
-* the conditioning identity (a cond's uuid or its index in the call's cond list) -- a tensor made
-  for the uncond branch must never be served to the cond branch;
-* the block (``("input", 4, 0)``, a layer name, ...);
-* the batch composition (which branches were batched together and in what order) and the shape;
-* anything else the technique needs (a step, a head group).
-
-The store enforces a byte budget: a ``put`` that would exceed it is refused (counted in
+A key names what makes two tensors interchangeable: the site, the conditioning branch (a tensor
+made for the uncond branch is never served to the cond branch), the batch composition or token
+counts where they matter.  The store enforces a byte budget: a ``put`` that would exceed it is refused (counted in
 ``rejected``) rather than evicting, because a technique that cannot cache a layer must fall back
 to computing that layer -- silently evicting would turn into a miss at an unpredictable later
 point.  Optional CPU offload keeps the cached copies in host memory (pinned when the source is on
@@ -22,12 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Optional
 
 import torch
-
-
-def cache_key(kind: str, block: Hashable, conds: Iterable[Hashable] = (), batch: Hashable = None,
-              extra: Hashable = None) -> tuple:
-    """A hashable cache key: (kind, block, conds, batch composition, extra)."""
-    return (kind, block, tuple(conds), batch, extra)
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -118,4 +107,64 @@ class CacheStore:
         self.stats.bytes = 0
 
 
-__all__ = ["cache_key", "tensor_bytes", "CacheStats", "CacheStore"]
+class BranchAccumulator:
+    """Per-site sums of each conditioning branch's output over one capture round, reduced at first use
+    to the mean of the branch means (T-GATE's cached cross-attention, arXiv 2404.02747 Sec. 3).
+
+    A capture round is one main model evaluation (``round_id``); its cond and uncond chunks may arrive
+    in one call or in several (low memory, area conds), so chunks of the same round and branch are
+    summed, and a newer round replaces an older one.  The tensors live in a :class:`CacheStore`
+    (its byte budget and offload apply); a refused put drops that branch.
+    """
+
+    def __init__(self, store: CacheStore):
+        self.store = store
+        self._parts: dict = {}          # (site, role) -> (round id, chunk count)
+        self._latest: dict = {}         # site -> round id of its latest capture
+        self.latest_round = None        # round id of the latest capture at any site
+
+    def add(self, site: Hashable, round_id: Hashable, parts: Iterable[tuple[Hashable, torch.Tensor]]) -> None:
+        store = self.store
+        if self._latest.get(site) != round_id:          # a newer round replaces the old one
+            for (s, role) in [k for k in self._parts if k[0] == site]:
+                store.pop(("part", s, role))
+                self._parts.pop((s, role), None)
+            store.pop(("mean", site))
+            self._latest[site] = round_id
+        for role, chunk in parts:
+            key = ("part", site, role)
+            meta = self._parts.get((site, role))
+            chunk = chunk.detach()
+            if meta is not None and meta[0] == round_id:
+                prev = store.pop(key)
+                if prev is None:
+                    continue
+                value, n = prev.to(chunk.device) + chunk, meta[1] + 1
+            else:
+                value, n = chunk.clone(), 1
+            if store.put(key, value):
+                self._parts[(site, role)] = (round_id, n)
+                self.latest_round = round_id
+            else:
+                self._parts.pop((site, role), None)
+
+    def has(self, site: Hashable) -> bool:
+        return ("mean", site) in self.store or any(k[0] == site for k in self._parts)
+
+    def mean(self, site: Hashable, device=None, reduce=None) -> Optional[torch.Tensor]:
+        """The site's branch mean (``reduce`` maps {role: (sum, count)} to it), or None."""
+        store = self.store
+        key = ("mean", site)
+        if key not in store:
+            parts = {}
+            for (s, role) in [k for k in self._parts if k[0] == site]:
+                meta = self._parts.pop((s, role))
+                t = store.pop(("part", s, role))
+                if t is not None:
+                    parts[role] = (t.to(device) if device is not None else t, meta[1])
+            if not parts or not store.put(key, reduce(parts)):
+                return None
+        return store.get(key, device=device)
+
+
+__all__ = ["tensor_bytes", "CacheStats", "CacheStore", "BranchAccumulator"]

@@ -1,27 +1,12 @@
-"""T-GATE gating logic (Zhang, Liu, Xie, Faccio, Shou, Schmidhuber; arXiv 2404.02747): pure torch.
+"""T-GATE gating logic (arXiv 2404.02747, official ``tgate_utils.tgate_scheduler``): pure torch.
 
-T-GATE splits denoising in two phases at a *gate*.  In the semantics-planning phase (before the
-gate) cross-attention is computed normally; its output converges to a fixed point, so at the gate
-step it is cached -- averaged over the classifier-free-guidance halves, ``(uncond + cond) / 2``, as
-the official ``tgate`` code does -- and in the fidelity-improving phase (after the gate) the cached
-output replaces cross-attention entirely and CFG is switched off (only one branch is evaluated).
-The official code counts the gate in steps (``gate_step=10`` of 25: step ``gate_step - 1`` caches,
-steps ``>= gate_step`` reuse).  Here the gate is a *percent of denoising* resolved against sigma:
-
-* ``gate_sigma = sigma_at(gate)``; an evaluation at sigma is *after* the gate when
-  ``sigma <= gate_sigma`` (relative tolerance 1e-4, so a step that sits exactly on the gate -- the
-  "normal" scheduler puts step i of N at (i / (N-1)) of denoising -- counts as after, like the
-  official ``i >= gate_step``).  40% with 25 "normal" steps gives steps 0-9 before, 10-24 after:
-  the paper's default.
-* the *cache step* is the last schedule step before the gate (the official ``gate_step - 1``);
-  the cross-attention output is cached there only.
-* gate >= 100% means "never": the technique is off and the model runs unchanged.
-* a run that starts after the gate (denoise < 1, a hires pass, KSamplerAdvanced starting past the
-  gate, gate = 0%) has no cache step; its first evaluation at a schedule sigma computes and caches,
-  and reuse starts with the next evaluation.
-
-The optional self-attention caching of T-GATE v2 (before the gate: ``warmup`` steps computed,
-then cached every ``interval`` steps and reused in between) is :func:`self_attention_action`.
+Before the *gate* cross-attention is computed; at the cache step (the last schedule step before it,
+the official ``gate_step - 1``) its output is cached as the CFG mean ``(uncond + cond) / 2``; after the
+gate the cache replaces cross-attention and CFG is dropped.  The gate is a percent of denoising
+resolved against sigma (a step exactly on the gate counts as after it, like ``i >= gate_step``; 40% of
+25 "normal" steps: 0-9 before, 10-24 after); 100% = off; a run that starts past the gate caches at its
+first evaluation.  :func:`gate_actions` decides each batched call; :func:`self_attention_action` is
+T-GATE v2's self-attention schedule.  Notes: docs/tgate.md.
 """
 from __future__ import annotations
 
@@ -77,15 +62,46 @@ def _after(sigma: float, gate_sigma: float, rtol: float) -> bool:
 
 
 def self_attention_action(step: int, warmup: int, interval: int) -> str:
-    """T-GATE v2 self-attention schedule before the gate, by the run's step index.
-
-    Steps ``< warmup`` compute; step ``warmup`` and every ``interval``-th step after it compute and
-    cache; the steps in between reuse the last cache.  ``interval <= 1`` caches nothing (every step
-    computes).
+    """T-GATE v2 self-attention action before the gate, by the run's step index, as the official
+    ``tgate_scheduler``: steps ``< warmup`` compute; step ``warmup`` and every step whose *absolute*
+    index is a multiple of ``interval`` compute and cache; the others reuse the last cache (warm-up 2,
+    interval 5: cache at 2, 5, 10..., reuse at 3, 4, 6, 7, 8...).  ``interval <= 1`` caches nothing
+    (every step computes).  The cache step (the last before the gate) is not decided here: it always
+    computes (:func:`gate_actions`).
     """
     if interval <= 1 or step < warmup:
         return COMPUTE
-    return CACHE if (step - warmup) % interval == 0 else REUSE
+    return CACHE if step == warmup or step % interval == 0 else REUSE
+
+
+def gate_actions(plan: GatePlan, sigma: float, step: int, extra: bool, main: bool, has_roles: bool,
+                 cached_earlier: bool, self_attention: Optional[tuple[int, int]] = None) -> tuple[str, str]:
+    """(cross-attention action, self-attention action) of one batched model call.
+
+    ``main``: the call belongs to the evaluation's own ``[cond, uncond]`` pass (not a SAG/PAG extra
+    pass); ``has_roles``: some chunk of it is the guider's positive or negative conditioning;
+    ``cached_earlier``: a cross-attention capture exists from an *earlier* main evaluation;
+    ``self_attention``: ``(warmup, interval)`` when T-GATE v2 self-attention caching is on.
+
+    Cross-attention: before the gate it computes, and caches at the cache step (the last schedule
+    step before the gate); after the gate it reuses the capture of an earlier evaluation; a run that
+    starts past the gate caches at its first cacheable evaluation.  Extra evaluations (off-schedule
+    sigmas of multi-stage samplers) and extra passes never cache.
+    """
+    cacheable = main and not extra and has_roles
+    if plan.off:
+        attn2 = COMPUTE
+    elif not plan.after(sigma):
+        attn2 = CACHE if cacheable and plan.is_cache_sigma(sigma) else COMPUTE
+    elif cached_earlier:
+        attn2 = REUSE
+    else:
+        attn2 = CACHE if cacheable else COMPUTE
+    attn1 = COMPUTE
+    if (self_attention is not None and not plan.off and main and not extra and not plan.after(sigma)
+            and not plan.is_cache_sigma(sigma)):
+        attn1 = self_attention_action(step, *self_attention)
+    return attn2, attn1
 
 
 def branch_mean(parts: Mapping[object, tuple[torch.Tensor, int]]) -> torch.Tensor:
@@ -106,4 +122,4 @@ def branch_mean(parts: Mapping[object, tuple[torch.Tensor, int]]) -> torch.Tenso
     return (out / len(means)).to(means[0].dtype)
 
 
-__all__ = ["COMPUTE", "CACHE", "REUSE", "GatePlan", "self_attention_action", "branch_mean"]
+__all__ = ["COMPUTE", "CACHE", "REUSE", "GatePlan", "self_attention_action", "gate_actions", "branch_mean"]

@@ -1,31 +1,17 @@
-"""Attention-map reuse (Hunter et al., arXiv 2401.01008): schedules, cache keys, search scoring.
+"""Attention-map reuse (Hunter et al., arXiv 2401.01008): schedules, cache keys, the schedule search.
 
-Pure torch, no ComfyUI import.  The node (``nodes/mapreuse.py``) installs it.
-
-The method: on a *reuse* evaluation a chosen attention layer does not compute softmax(Q Kᵀ) but
-multiplies the map it kept at an earlier evaluation with the current V (no Q/K projection, no
-QKᵀ, no softmax).  Which evaluations reuse is a binary schedule over the run's steps.  The paper's
-ODE argument (perturbations late in sampling are damped less but have less time to grow, and its
-experiments: the later a map is reused, the smaller the final distortion) gives the *late*
-schedule (HURRY): reuse in the last part of denoising.  PHAST searches for a better schedule with
-the same number of reuse steps; :func:`pick_reuse_steps` is the simple greedy version used here.
-
-Every schedule is written in *percent of denoising* and resolved against the run's sigmas with
-:class:`core.schedule.RunSchedule` (so "reuse from 50%" means the same point at 20 or 50 steps,
-with denoise < 1, with KSamplerAdvanced ranges).  A resolved schedule gives each step one action:
-
-* ``REUSE``   -- layers use the map kept at the most recent ``KEEP`` step (map · V);
-* ``KEEP``    -- layers compute attention explicitly and keep the map (the step before a reuse step);
-* ``ORIGINAL``-- layers run their original forward (whatever kernel ComfyUI picked); nothing kept.
-
-Only steps whose map is used later are ``KEEP`` (explicit attention costs time and memory), so a
-schedule that never reuses runs every layer's original forward -- exactly the unpatched model.
+A reuse step multiplies a map kept at an earlier step with the current V (no Q/K projection, QKᵀ or
+softmax).  Schedules are percents of denoising resolved per run into one action per step: ``REUSE``
+(map · V), ``KEEP`` (explicit attention, map kept: only the step before a reuse step) or ``ORIGINAL``
+(the layer's own forward), so a schedule that never reuses is exactly the unpatched model.  The late
+schedule is the paper's HURRY (later reuse distorts less); :func:`search_schedule` is a greedy PHAST.
+Notes: docs/mapreuse.md.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Optional, Sequence
+from typing import Callable, Hashable, Iterable, Optional, Sequence
 
 import torch
 
@@ -33,6 +19,7 @@ from .schedule import RunSchedule, percents_to_steps
 
 ORIGINAL, KEEP, REUSE = "original", "keep", "reuse"
 MODES = ("late", "custom", "off")
+SCHEDULE_LABELS = {"late (paper)": "late", "custom percents": "custom", "off": "off"}     # node combo -> mode
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,6 +205,35 @@ def hurry_steps(total_steps: int, budget: int) -> list[int]:
     return list(range(total_steps - budget, total_steps))
 
 
-__all__ = ["ORIGINAL", "KEEP", "REUSE", "MODES", "late_reuse_steps", "custom_reuse_steps", "actions_for",
+def search_schedule(schedule: RunSchedule, budget: int, distortion_of: Callable[[list[int]], dict]) -> dict:
+    """Pick ``budget`` reuse steps of least distortion (greedy, in the spirit of the paper's PHAST).
+
+    ``distortion_of(steps)`` samples with exactly those reuse steps (the step before each keeps its
+    maps) and returns :func:`distortion` against the reference run.  One calibration run per
+    candidate step (that step alone reuses), then the ``budget`` candidates of least MSE (greedy) and
+    the late schedule with the same budget (the last ``budget`` steps) are run in full and the better
+    one is returned -- never worse than the paper's late schedule on the calibration run.
+    Cost: ``total_steps - 1`` + 2 runs.
+    """
+    total = schedule.total_steps
+    budget = max(0, min(int(budget), total - 1))
+    scores, per_step = {}, {}
+    for i in range(1, total):
+        d = distortion_of([i])
+        scores[i] = d["mse"]
+        per_step[i] = round(d["psnr"], 3)
+    greedy = pick_reuse_steps(scores, budget)
+    late = hurry_steps(total, budget)
+    d_greedy = distortion_of(greedy)
+    d_late = distortion_of(late) if late != greedy else d_greedy
+    best, d_best = (greedy, d_greedy) if d_greedy["mse"] <= d_late["mse"] else (late, d_late)
+    return {"steps": total, "budget": budget, "reuse_steps": best,
+            "percents": format_percents(steps_to_percents(best, schedule)), "psnr": round(d_best["psnr"], 3),
+            "greedy_steps": greedy, "greedy_psnr": round(d_greedy["psnr"], 3), "late_steps": late,
+            "late_psnr": round(d_late["psnr"], 3), "single_step_psnr": per_step,
+            "chosen": "greedy" if best is greedy else "late"}
+
+
+__all__ = ["ORIGINAL", "KEEP", "REUSE", "MODES", "SCHEDULE_LABELS", "late_reuse_steps", "custom_reuse_steps", "actions_for",
            "ReusePlan", "resolve_plan", "steps_to_percents", "format_percents", "map_key", "map_bytes",
-           "parse_levels", "distortion", "pick_reuse_steps", "hurry_steps"]
+           "parse_levels", "distortion", "pick_reuse_steps", "hurry_steps", "search_schedule"]

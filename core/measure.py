@@ -1,32 +1,21 @@
-"""Measuring a technique: interleaved timing, speed ratios, fidelity (PSNR, SSIM) and the
-fewer-steps comparison.  Pure torch; shared by the benchmark CLI (``bench/``) and the FreeSpeed
-Benchmark node.
+"""Measuring a technique (pure torch; the benchmark CLIs and the Benchmark node share it):
 
-Speed ratio
------------
-The unpatched ("base") and patched models run in one process, interleaved ``base, patched, base,
-patched, …`` after a warm-up, so slow drifts of the machine hit both alike; the ratio is
-``median(base) / median(patched)`` (> 1: the patched model is faster).
-
-Fidelity
---------
-A training-free acceleration approximates the full computation, so its output is compared with
-the unpatched output from the same noise: PSNR (dB, peak = the reference's value range) and SSIM
-(Wang et al. 2004: Gaussian window σ = 1.5, 11 taps or the image size if smaller, K1 = 0.01,
-K2 = 0.03, averaged over channels).  Both work on any (B, C, H, W) tensor: decoded images, or
-latents (the benchmark's fixture has no VAE; its latent is its image).
-
-Fewer steps at equal time
--------------------------
-The honest baseline of any acceleration is the same sampler with fewer steps (Hunter et al.,
-arXiv 2401.01008, Sec. 5: map reuse is judged against it).  :func:`match_fewer_steps` picks, from
-measured ``{steps: seconds}``, the largest step count that is not slower than the accelerated row.
+* speed: rows run interleaved in one process after a warm-up (:func:`timed_rounds`, the pack's one
+  rounds engine: the order rotates each round; a fixed count or as many rounds as fit a budget); the
+  ratio is ``median(base) / median(row)``;
+* closeness: PSNR (peak = the reference's range) and SSIM (Wang et al. 2004, σ 1.5, 11 taps) of the
+  output against the full run from the same noise, on any (B, C, H, W) tensor;
+* fewer steps at equal time (:func:`compare_with_fewer_steps`, the one rule): the curve is the
+  fewer-steps runs and the full run itself; a row is compared with the largest step count not slower
+  than it and beats it when its metric is better; a row slower than the full run loses to it.
 """
 from __future__ import annotations
 
 import math
 import statistics
-from typing import Iterable, Mapping, Optional, Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +27,85 @@ PATCHED = "patched"
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
-def interleaved_order(repeats: int, labels: Sequence[str] = (BASE, PATCHED), warmup: int = 1) -> list[tuple[str, bool]]:
-    """The run order: ``warmup`` rounds then ``repeats`` rounds, each round one run of every label.
+def want_another_round(done: int, max_rounds: int, elapsed_s: float, round_s: float, reserve_s: float,
+                       budget_s: Optional[float]) -> bool:
+    """Whether an automatic round count runs one more round: always one, never more than
+    ``max_rounds``, otherwise while elapsed + one more round (the last one's duration) + the time
+    reserved for later work fit ``budget_s`` (None: no budget)."""
+    if done < 1:
+        return True
+    if done >= max_rounds:
+        return False
+    if budget_s is None:
+        return True
+    return elapsed_s + round_s + reserve_s <= budget_s
 
-    Returns ``(label, is_warmup)`` pairs, e.g. repeats=2, warmup=1 →
-    base*, patched*, base, patched, base, patched (``*`` = warm-up, not measured).
+
+@dataclass
+class Rounds:
+    """What :func:`timed_rounds` measured."""
+    times: dict = field(default_factory=dict)        # label -> seconds of each timed run
+    first: dict = field(default_factory=dict)        # label -> result of its first timed run
+    failed: dict = field(default_factory=dict)       # label -> the exception that stopped it
+    rounds: int = 0
+    warmup_s: float = 0.0
+
+
+def timed_rounds(labels: Sequence, run: Callable[[Any, bool], tuple[Any, float]], *, repeats: int = 0,
+                 max_rounds: int = 5, budget_s: Optional[float] = None, t_start: Optional[float] = None,
+                 reserve_s: Union[float, Callable[[float, float], float]] = 0.0, warmup: bool = True,
+                 catch: bool = False, on_round: Optional[Callable[[int, float], None]] = None) -> Rounds:
+    """Warm-up, then interleaved timed rounds of ``run(label, is_warmup) -> (result, seconds)``.
+
+    ``repeats`` > 0: exactly that many rounds; 0: as many as :func:`want_another_round` allows
+    (``t_start`` is when the budget started; ``reserve_s`` is time kept for later work, or a function
+    of the last round's and the warm-up's durations).  Round r runs the labels rotated by r.  ``catch``: a label whose
+    run raises is recorded in ``failed`` and dropped; otherwise the exception propagates.
     """
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
-    if warmup < 0:
-        raise ValueError("warmup must be >= 0")
-    out = [(lb, True) for _ in range(warmup) for lb in labels]
-    out += [(lb, False) for _ in range(repeats) for lb in labels]
-    return out
+    t_start = time.perf_counter() if t_start is None else t_start
+    res = Rounds(times={lb: [] for lb in labels})
+    live = list(labels)
+
+    def attempt(label, warm: bool):
+        try:
+            return run(label, warm)
+        except Exception as e:
+            if not catch:
+                raise
+            res.failed[label] = e
+            return None
+
+    if warmup:
+        t0 = time.perf_counter()
+        for lb in list(live):
+            attempt(lb, True)
+        live = [lb for lb in live if lb not in res.failed]
+        res.warmup_s = time.perf_counter() - t0
+    round_s = 0.0
+    while live:
+        if repeats:
+            if res.rounds >= repeats:
+                break
+        else:
+            reserve = reserve_s(round_s, res.warmup_s) if callable(reserve_s) else reserve_s
+            if not want_another_round(res.rounds, max_rounds, time.perf_counter() - t_start, round_s, reserve,
+                                      budget_s):
+                break
+        t0 = time.perf_counter()
+        k = res.rounds % len(live)
+        for lb in live[k:] + live[:k]:
+            got = attempt(lb, False)
+            if got is None:
+                continue
+            out, secs = got
+            res.times[lb].append(secs)
+            res.first.setdefault(lb, out)
+        live = [lb for lb in live if lb not in res.failed]
+        round_s = time.perf_counter() - t0
+        res.rounds += 1
+        if on_round is not None:
+            on_round(res.rounds, round_s)
+    return res
 
 
 def median(xs: Iterable[float]) -> float:
@@ -58,14 +113,6 @@ def median(xs: Iterable[float]) -> float:
     if not xs:
         raise ValueError("median of no timings")
     return float(statistics.median(xs))
-
-
-def split_runs(runs: Iterable[tuple[str, float]]) -> dict[str, list[float]]:
-    """Group ``(label, seconds)`` measurements by label, keeping their order."""
-    out: dict[str, list[float]] = {}
-    for label, secs in runs:
-        out.setdefault(label, []).append(float(secs))
-    return out
 
 
 def speed_ratio(base_times: Sequence[float], patched_times: Sequence[float]) -> float:
@@ -95,8 +142,8 @@ def data_range(reference: torch.Tensor) -> float:
 
 
 def psnr(x: torch.Tensor, reference: torch.Tensor, peak: Optional[float] = None) -> float:
-    """PSNR in dB of ``x`` against ``reference`` (same shape); ``inf`` when they are equal."""
-    x, ref = _as_bchw(x), _as_bchw(reference)
+    """PSNR in dB of ``x`` against ``reference`` (same shape, any rank); ``inf`` when they are equal."""
+    x, ref = x.detach().float(), reference.detach().float()
     if x.shape != ref.shape:
         raise ValueError(f"PSNR needs equal shapes, got {tuple(x.shape)} and {tuple(ref.shape)}")
     peak = data_range(ref) if peak is None else float(peak)
@@ -161,19 +208,37 @@ def match_fewer_steps(step_times: Mapping[int, float], target_s: float) -> Optio
     return max(ok) if ok else None
 
 
-def interpolate_curve(points: Sequence[tuple[float, float]], x: float) -> Optional[float]:
-    """Linear interpolation of y at ``x`` on a curve given as (x, y) points (any order); ``None``
-    outside the measured range."""
-    pts = sorted(points)
-    if not pts or x < pts[0][0] or x > pts[-1][0]:
-        return None
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= x <= x1:
-            if x1 == x0 or not (math.isfinite(y0) and math.isfinite(y1)):
-                return y1 if x == x1 else y0
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return pts[-1][1]
+def compare_with_fewer_steps(rows: list[dict], metric: str = "psnr_db", verdict_key: str = "beats_fewer_steps",
+                             higher_is_better: bool = True, curve_kinds: tuple = ("fewer_steps", "baseline")) -> None:
+    """Add to every accelerated row (``kind`` not in ``curve_kinds``) the run of the curve it must
+    beat -- the largest step count not slower than it (``fewer_steps_match``) -- and whether its
+    ``metric`` is better (``verdict_key``: True/False; None when it is faster than every curve run;
+    False when the match is the full run itself).  Rows are dicts with ``kind``, ``steps``,
+    ``median_s`` and the metric; nothing is added without at least two curve runs."""
+    curve = [r for r in rows if r.get("kind") in curve_kinds and "median_s" in r]
+    if len(curve) < 2:
+        return
+    by_steps = {r["steps"]: r for r in curve}
+    for r in rows:
+        if r.get("kind") in curve_kinds or "median_s" not in r:
+            continue
+        s = match_fewer_steps({k: v["median_s"] for k, v in by_steps.items()}, r["median_s"])
+        if s is None:
+            r.setdefault("fewer_steps_match", None)
+            r[verdict_key] = None
+            continue
+        m = by_steps[s]
+        match = dict(r.get("fewer_steps_match") or {})
+        match.update({"steps": s, "median_s": m["median_s"], metric: m.get(metric),
+                      "baseline": m["kind"] == "baseline"})
+        r["fewer_steps_match"] = match
+        mine, theirs = r.get(metric), m.get(metric)
+        if m["kind"] == "baseline" or mine is None or theirs is None:
+            r[verdict_key] = False if m["kind"] == "baseline" else None
+        else:
+            r[verdict_key] = bool(mine > theirs) if higher_is_better else bool(mine < theirs)
 
 
-__all__ = ["BASE", "PATCHED", "interleaved_order", "median", "split_runs", "speed_ratio", "data_range", "psnr",
-           "ssim", "fewer_steps_counts", "match_fewer_steps", "interpolate_curve"]
+__all__ = ["BASE", "PATCHED", "want_another_round", "Rounds", "timed_rounds", "median",
+           "speed_ratio", "data_range", "psnr", "ssim", "fewer_steps_counts", "match_fewer_steps",
+           "compare_with_fewer_steps"]

@@ -1,28 +1,10 @@
-"""Encoder propagation (Faster Diffusion, Li et al., arXiv 2312.09608): pure-torch pieces.
+"""Encoder propagation (Faster Diffusion, arXiv 2312.09608): the pure pieces.
 
-The paper (Sec. 3.2-3.3) observes that the UNet *encoder* (input blocks + middle block) changes
-little between adjacent denoising steps while the decoder changes a lot.  So at *key* steps the
-whole UNet runs and the encoder's skip features and middle-block output are kept; at the other
-steps only the decoder runs, on those kept features, with the current timestep embedding
-("encoder propagation").  Because such a decoder pass does not depend on the current latent, the
-decoder passes of several following non-key steps can run as one batch ("parallel", Sec. 3.3).
-Prior noise injection (Sec. 3.4) adds a small multiple of the run's initial noise z_T to the
-latent at each step of the second half of denoising to restore texture detail.
-
-This module holds what does not need ComfyUI:
-
-* key-step schedules: the paper's DDIM-50 table (``50ls``: steps 0,1,2,3,5,10,15,25,35 of 50)
-  as *percents of denoising* (step i of a 50-step run sits at i/50), so the same points of
-  denoising are key at any step count; "every k steps"; a custom percent list.  Step 0 is always
-  a key step (nothing to propagate yet).
-* parallel planning: which following non-key steps to decode together, bounded by
-  ``max_parallel``.
-* the noise-injection math.
-* :class:`FeatureCache` / :class:`OutputCache`: per-branch (per cond uuid) storage of captured
-  features and of parallel-decoded outputs.  A model call batches several branches (uncond, cond,
-  area conds) in an order ComfyUI chooses per call; entries are stored per call and indexed per
-  branch so that a later call with another batch composition (cond and uncond split for memory,
-  CFG dropped by another node) is served from slices of them.
+Key-step schedules (the paper's DDIM-50 "50ls" table as percents of denoising, every k steps, custom),
+parallel planning of decoder-only steps (Sec. 3.3), the prior-noise-injection maths (Sec. 3.4) and the
+per-branch caches of captured features and parallel-decoded outputs (entries stored per call, indexed
+per conditioning uuid, so a later call with another batch composition is served from slices).
+Notes: docs/encoder_propagation.md.
 """
 from __future__ import annotations
 
@@ -42,6 +24,7 @@ PAPER_INJECTION = 0.003
 PAPER_INJECTION_START = 0.5
 
 SCHEDULES = ("50ls", "every_k", "custom")
+SCHEDULE_LABELS = {"paper 50ls": "50ls", "every k steps": "every_k", "custom percents": "custom"}   # node combo
 
 
 def paper_key_percents() -> list[float]:
@@ -112,6 +95,50 @@ def injection_delta(z_T: torch.Tensor, strength: float, input_scale: float) -> t
     init noise sigma is 1).
     """
     return z_T * (float(strength) / float(input_scale))
+
+
+def control_branches(conds) -> Optional[list]:
+    """The conditioning uuids of a calc_cond_batch cond list whose ControlNet could be skipped (every
+    entry keyed by uuid, no area or default conds), or None (no ControlNet, or not that simple)."""
+    dicts = [d for c in conds if c is not None for d in c]
+    if not any(d.get("control") is not None for d in dicts):
+        return None
+    if any("area" in d or "default" in d or "uuid" not in d for d in dicts):
+        return None
+    return [d["uuid"] for d in dicts]
+
+
+def without_control(conds) -> list:
+    """The cond list with every ControlNet removed (the model then runs without its residuals)."""
+    return [None if c is None else [{k: v for k, v in d.items() if k != "control"} for d in c] for c in conds]
+
+
+@dataclass
+class InjectionSteps:
+    """Which model evaluation of a run takes the prior-noise shift: the first evaluation of each schedule
+    step inside the window -- and, once a sampler shows it visits a sigma twice (heun-type: the first visit
+    is a predictor point, the second the sampler's state), the second visit; a shift already given to a
+    predictor point is moved (``moved_from_predictor``)."""
+    injected: set = field(default_factory=set)
+    last_step: Optional[int] = None
+    multistage: bool = False
+    moved_from_predictor: int = 0
+
+    def wants(self, step: int, active: bool) -> bool:
+        """Visit ``step`` (an on-schedule evaluation); True when this evaluation should be shifted."""
+        second_visit = self.last_step == step
+        self.last_step = step
+        if second_visit and not self.multistage:
+            self.multistage = True
+            if step in self.injected:
+                self.injected.discard(step)
+                self.moved_from_predictor += 1
+        if self.multistage and not second_visit:
+            return False
+        return active and step not in self.injected
+
+    def done(self, step: int) -> None:
+        self.injected.add(step)
 
 
 def repeat_batch(t: Optional[torch.Tensor], k: int) -> Optional[torch.Tensor]:
@@ -278,6 +305,66 @@ class OutputCache:
         self.bytes = 0
 
 
-__all__ = ["PAPER_KEY_STEPS_50", "PAPER_STEPS", "PAPER_INJECTION", "PAPER_INJECTION_START", "SCHEDULES",
+# ------------------------------------------------------------------------------------------------
+# DiTs (issue 15): the front blocks as the "encoder", propagated as a residual
+# ------------------------------------------------------------------------------------------------
+# The paper's DiT experiment (arXiv 2312.09608 v2): the first 18 of DiT-XL's 28 blocks are the "encoder".
+PAPER_DIT_FRONT = 18 / 28
+
+
+def front_blocks(total: int, fraction: float) -> int:
+    """How many of a DiT's ``total`` blocks (forward order) form the propagated front range:
+    ``round(fraction * total)``, at least 1 and at most ``total - 1`` (a rear block always runs)."""
+    if total < 2:
+        return 0
+    return max(1, min(total - 1, int(round(float(fraction) * total))))
+
+
+class DeltaCache:
+    """The residual the front blocks added at the last key step, per conditioning branch and stream
+    (``{"img": [per, L, C], "txt": ...}`` or, when the front range ends inside Flux's single blocks,
+    ``{"cat": ...}``).  A later call is served when every branch it batches has residuals of the same
+    shapes, in whatever order or split (entries sliced per branch)."""
+
+    def __init__(self):
+        self._items: dict = {}          # uuid -> (per, {stream: tensor}, step)
+        self.bytes = 0
+        self.peak_bytes = 0
+
+    def put(self, uuids: Sequence, per: int, streams: dict, step: int) -> None:
+        for i, u in enumerate(uuids):
+            old = self._items.pop(u, None)
+            if old is not None:
+                self.bytes -= sum(tensor_bytes(t) for t in old[1].values())
+            part = {k: v[i * per:(i + 1) * per].detach().clone() for k, v in streams.items()}
+            self._items[u] = (per, part, step)
+            self.bytes += sum(tensor_bytes(t) for t in part.values())
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def get(self, uuids: Sequence, per: int, shapes: dict) -> Optional[dict]:
+        """``{stream: residual for the whole batch}`` when every branch is cached with these per-branch
+        shapes (``shapes[stream]`` = shape of one branch's slice), else None."""
+        found = []
+        for u in uuids:
+            item = self._items.get(u)
+            if item is None or item[0] != per or set(item[1]) != set(shapes):
+                return None
+            if any(tuple(item[1][k].shape) != tuple(s) for k, s in shapes.items()):
+                return None
+            found.append(item[1])
+        if not found:
+            return None
+        return {k: torch.cat([f[k] for f in found], dim=0) if len(found) > 1 else found[0][k] for k in shapes}
+
+    def steps(self) -> set:
+        return {v[2] for v in self._items.values()}
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+
+__all__ = ["PAPER_KEY_STEPS_50", "PAPER_STEPS", "PAPER_INJECTION", "PAPER_INJECTION_START", "SCHEDULES", "SCHEDULE_LABELS",
            "paper_key_percents", "every_k_steps", "key_steps", "plan_parallel", "injection_active",
-           "injection_delta", "repeat_batch", "Features", "FeatureCache", "OutputCache"]
+           "injection_delta", "control_branches", "without_control", "InjectionSteps", "repeat_batch", "Features", "FeatureCache", "OutputCache",
+           "PAPER_DIT_FRONT", "front_blocks", "DeltaCache"]

@@ -1,24 +1,12 @@
 """Run schedules: where in denoising a model evaluation sits, decided from sigma.
 
-Every FreeSpeed technique switches on and off over the course of a sampling run ("downsample K/V
-from 0% to 60% of denoising", "gate at 40%", "key steps at 0, 2, 4, 6, 10, 20, 30, 50, 70%").  Raw
-step indices break as soon as the user changes the step count, uses denoise < 1, KSamplerAdvanced
-ranges, a hires pass or a sampler that evaluates the model several times per step.  So schedules
-are written in *percent of denoising* and resolved against sigma:
-
-* percent -> sigma uses the model's own ``percent_to_sigma`` (ComfyUI's convention, the same one
-  its ``start_percent``/``end_percent`` inputs use: 0% is pure noise, 100% is clean, measured in
-  model time, independent of the step count).  It is passed in as a plain callable so this module
-  stays free of ComfyUI imports; without one, percent is measured along the run's own schedule.
-* a window [start, end] is active for an evaluation at sigma when ``sigma(start) >= sigma >=
-  sigma(end)`` (inclusive on both sides, so 0%..100% covers every evaluation).
-* the step index is the position of sigma in the run's ``sample_sigmas`` (tolerance 1e-4
-  relative, as ComfyUI's own context windows use).  A sigma that is not in the schedule (dpm_2's
-  and dpmpp_2s_ancestral's log-midpoint, dpmpp_sde's substep) gets the index of the interval that
-  contains it and ``extra=True``: techniques that need an exact step (caching keyed by step) treat
-  such an evaluation as "compute normally, cache nothing".  Heun's corrector evaluation lands on
-  the *next* schedule sigma, so it looks like that step's first evaluation: a step can be
-  evaluated more than once, and step-keyed caches must tolerate (not assume) a single visit.
+Schedules are written in *percent of denoising* (ComfyUI's convention: 0% pure noise, 100% clean, in
+model time) and resolved against sigma with the model's own ``percent_to_sigma`` (without it, along the
+run's own steps), so step counts, denoise < 1, KSamplerAdvanced ranges and hires passes all work.  A
+window is inclusive at both ends.  The step index is the position of sigma in the run's schedule
+(rtol 1e-4); a sigma off the schedule (dpm_2 / dpmpp_2s midpoints, dpmpp_sde substeps) gets its
+interval's index and ``extra=True`` (compute, cache nothing); heun's corrector lands on the next
+schedule sigma, so a step may be evaluated twice.
 """
 from __future__ import annotations
 
@@ -52,7 +40,7 @@ class RunSchedule:
         self.sigmas = vals
         self.total_steps = max(len(vals) - 1, 0)
         self.rtol = rtol
-        self._p2s = percent_to_sigma
+        self.percent_to_sigma = percent_to_sigma
         self._p2s_cache: dict[float, float] = {}
 
     # -- percent <-> sigma ---------------------------------------------------------------------
@@ -61,8 +49,8 @@ class RunSchedule:
         percent = float(percent)
         if percent in self._p2s_cache:
             return self._p2s_cache[percent]
-        if self._p2s is not None:
-            s = float(self._p2s(percent))
+        if self.percent_to_sigma is not None:
+            s = float(self.percent_to_sigma(percent))
         else:
             s = self._run_sigma_at(percent)
         self._p2s_cache[percent] = s
@@ -100,10 +88,6 @@ class RunSchedule:
             return False
         return self.sigma_at(start) >= sigma >= self.sigma_at(end)
 
-    def before(self, sigma: float, percent: float) -> bool:
-        """True while denoising has not yet reached ``percent`` (sigma above its threshold)."""
-        return sigma > self.sigma_at(percent)
-
     # -- steps ----------------------------------------------------------------------------------
     def step_of(self, sigma: float) -> tuple[int, bool]:
         """(index, extra): the index of sigma in the schedule, or of the interval containing it."""
@@ -120,10 +104,6 @@ class RunSchedule:
         step, extra = self.step_of(sigma)
         return StepInfo(sigma=float(sigma), step=step, total_steps=self.total_steps,
                         percent=self.percent_of(sigma), extra=extra)
-
-    def steps_in_window(self, start: float, end: float) -> list[int]:
-        """Step indices (evaluations at schedule sigmas, last sigma excluded) inside the window."""
-        return [i for i in range(self.total_steps) if self.in_window(self.sigmas[i], start, end)]
 
 
 def percents_to_steps(percents: Sequence[float], schedule: RunSchedule) -> list[int]:

@@ -1,19 +1,17 @@
-"""FreeSpeed nodes: thin V3 nodes over the shared hook layer (hooks.py) and the pure-torch core."""
+"""FreeSpeed nodes: thin V3 nodes over the site layer (sites.py), the technique base (hooks.py) and the
+pure-torch core; one node file per technique, listed once in ``core.techniques``."""
 from __future__ import annotations
 
 from typing_extensions import override
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from .atedm import ATEDMNode
+from .routes import register_with_server
 from .benchmark import BenchmarkNode
-from .encoder_propagation import EncoderPropagationNode
-from .mapreuse import MapReuseNode, MapReuseSearchNode
-from .tgate import TGateNode
-from .todo import ToDoNode
+from .registry import node_classes
 
-NODES: list[type[io.ComfyNode]] = [ToDoNode, TGateNode, EncoderPropagationNode, MapReuseNode, MapReuseSearchNode,
-                                   ATEDMNode, BenchmarkNode]
+NODES: list[type[io.ComfyNode]] = [*node_classes(), BenchmarkNode]
+register_with_server()          # the schedule preview route, when a ComfyUI server is running
 
 
 class FreeSpeedExtension(ComfyExtension):

@@ -5,8 +5,9 @@ Both models sample the same latent from the same noise with the same conditionin
 runs: ``comfy.sample.sample``).  Every row is first sampled with two steps (warm-up: loads the
 models, fills allocator caches; not timed), then ``repeats`` interleaved rounds are timed (each round
 runs every row once, so slow drifts of the machine hit all rows alike); a row's first timed run gives
-the output that is compared (runs are deterministic from the seed).  Reported per row: median wall time, speed ratio against
-the original (medians of the same rounds), PSNR/SSIM of the final latent against the original's
+the output that is compared (runs are deterministic from the seed; the rounds engine and the
+fewer-steps rule are the benchmark CLI's, :mod:`..core.measure`).  Reported per row: median wall
+time, speed ratio against the original (medians of the same rounds), PSNR/SSIM of the final latent against the original's
 (:mod:`..core.measure`; latents, not decoded images: no VAE needed) and the FreeSpeed nodes' own
 run stats.  With ``fewer_steps`` on, the original is also timed at fewer steps: the fair
 comparison (is the patched model closer to the full run than the original with the steps it could
@@ -15,7 +16,6 @@ markdown.
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import Any
@@ -24,16 +24,14 @@ import numpy as np
 import torch
 
 import comfy.model_management
-import comfy.patcher_extension as pe
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..core import charts, measure
-from .hooks import CATEGORY, check_sampler_and_scheduler, prepare_sampling
-
-logger = logging.getLogger("FreeSpeed")
+from ..core.readout import readout
+from .hooks import CATEGORY, FreeSpeedNode, installed, logger, prepare_sampling
 
 
 WARMUP_STEPS = 2     # the untimed warm-up run of each row
@@ -41,20 +39,11 @@ WARMUP_STEPS = 2     # the untimed warm-up run of each row
 
 def freespeed_stats(model) -> list[tuple[str, dict]]:
     """(technique name, last run stats) of every FreeSpeed technique installed on ``model``."""
-    out = []
-    for key, fns in (model.wrappers.get(pe.WrappersMP.OUTER_SAMPLE) or {}).items():
-        if not str(key).startswith("freespeed"):
-            continue
-        for fn in fns:
-            owner = getattr(fn, "__self__", None)
-            if owner is not None and getattr(owner, "last_stats", None):
-                out.append((owner.name, dict(owner.last_stats)))
-    return out
+    return [(t.name, dict(t.last_stats)) for t in installed(model) if t.last_stats]
 
 
 def _readout(stats: dict) -> str:
     try:
-        from .readout import readout
         return readout(stats)
     except Exception:
         return ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float)))[:80]
@@ -78,44 +67,35 @@ def run_benchmark(model, patched, positive, negative, latent: dict, seed: int, s
     device = comfy.model_management.get_torch_device()
     cuda = getattr(device, "type", "") == "cuda"
 
-    def sample(r: dict, n_steps: int = 0):
+    def sample(i: int, warm: bool):
+        r = rows[i]
         comfy.model_management.throw_exception_if_processing_interrupted()
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        out = comfy.sample.sample(r["model"], noise, n_steps or r["steps"], cfg, sampler_name, scheduler, positive, negative,
-                                  latent_image, denoise=denoise, noise_mask=noise_mask, seed=seed,
-                                  disable_pbar=True)
+        out = comfy.sample.sample(r["model"], noise, min(WARMUP_STEPS, r["steps"]) if warm else r["steps"], cfg,
+                                  sampler_name, scheduler, positive, negative, latent_image, denoise=denoise,
+                                  noise_mask=noise_mask, seed=seed, disable_pbar=True)
         if cuda:
             torch.cuda.synchronize(device)
+        secs = time.perf_counter() - t0
         pbar.update(1)
-        return out, time.perf_counter() - t0
+        if warm:
+            return None, secs
+        stats = freespeed_stats(patched) if r["kind"] == "patched" else []
+        return (out.float().cpu(), stats), secs
 
-    for r in rows:                                   # warm-up: loads the models; not timed
-        sample(r, min(WARMUP_STEPS, r["steps"]))
-        r["times"] = []
-    for lbl, _ in measure.interleaved_order(repeats, labels=tuple(range(len(rows))), warmup=0):
-        r = rows[lbl]
-        out, secs = sample(r)
-        r["times"].append(secs)
-        if "out" not in r:                           # the first timed run gives the compared output
-            r["out"] = out.float().cpu()
-            if r["kind"] == "patched":
-                r["stats"] = freespeed_stats(patched)
-    ref = rows[0]["out"]
-    base = measure.median(rows[0]["times"])
+    res = measure.timed_rounds(list(range(len(rows))), sample, repeats=repeats)
+    ref = res.first[0][0]
+    base = measure.median(res.times[0])
     doc_rows = []
-    for r in rows:
-        med = measure.median(r["times"])
-        p = measure.psnr(r["out"], ref)
-        doc_rows.append({"name": r["name"], "kind": r["kind"], "steps": r["steps"], "times_s": r["times"],
-                         "median_s": med, "ratio": base / med, "psnr_db": p, "ssim": measure.ssim(r["out"], ref),
-                         "stats": r.get("stats", [])})
-    patched_row = doc_rows[1]
-    fewer = {r["steps"]: r for r in doc_rows if r["kind"] == "fewer_steps"}
-    match = measure.match_fewer_steps({s: r["median_s"] for s, r in fewer.items()}, patched_row["median_s"])
-    patched_row["fewer_steps_match"] = match
-    patched_row["beats_fewer_steps"] = None if match is None else patched_row["psnr_db"] > fewer[match]["psnr_db"]
+    for i, r in enumerate(rows):
+        out, stats = res.first[i]
+        med = measure.median(res.times[i])
+        doc_rows.append({"name": r["name"], "kind": r["kind"], "steps": r["steps"], "times_s": res.times[i],
+                         "median_s": med, "ratio": base / med, "psnr_db": measure.psnr(out, ref),
+                         "ssim": measure.ssim(out, ref), "stats": stats})
+    measure.compare_with_fewer_steps(doc_rows)
     return {"rows": doc_rows, "steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler,
             "seed": seed, "repeats": repeats, "device": str(device), "latent": list(latent_image.shape)}
 
@@ -143,8 +123,10 @@ def verdict(doc: dict) -> str:
             return f"patched: {p['ratio']:.2f}x, faster than every fewer-steps run measured"
         return f"patched: {p['ratio']:.2f}x"
     m = p["fewer_steps_match"]
+    if m.get("baseline"):
+        return f"patched: {p['ratio']:.2f}x, slower than the original itself"
     word = "closer to the full run than" if p["beats_fewer_steps"] else "further from the full run than"
-    return f"patched: {p['ratio']:.2f}x, {word} the original with {m} steps (same or less time)"
+    return f"patched: {p['ratio']:.2f}x, {word} the original with {m['steps']} steps (same or less time)"
 
 
 def markdown(doc: dict) -> str:
@@ -170,7 +152,7 @@ def picture(doc: dict) -> torch.Tensor:
     return torch.from_numpy(arr)[None]
 
 
-class BenchmarkNode(io.ComfyNode):
+class BenchmarkNode(FreeSpeedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -199,10 +181,6 @@ class BenchmarkNode(io.ComfyNode):
             outputs=[io.Image.Output(display_name="report"), io.String.Output(display_name="markdown")],
             hidden=[io.Hidden.unique_id],
         )
-
-    @classmethod
-    def validate_inputs(cls, sampler_name=None, scheduler=None):
-        return check_sampler_and_scheduler(sampler_name, scheduler)
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):

@@ -14,14 +14,13 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 # one host search and one package registration for tests and bench (bench/host.py)
-from bench.host import find_host, register_package  # noqa: E402
+from bench.host import add_to_path, find_host, register_package  # noqa: E402
 
 HOST, LOOKED = find_host()
 register_package()
 
 if HOST is not None:
-    if HOST not in sys.path:
-        sys.path.insert(0, HOST)
+    add_to_path(HOST)
     from comfy.cli_args import args  # noqa: E402  (parses nothing: args_parsing is False)
     args.cpu = True                   # must be set before comfy.model_management is imported
     if os.environ.get("FREESPEED_ATTENTION") == "pytorch":

@@ -5,8 +5,8 @@
 //    technique is active: green = saving work (gated, downsampled, decoder-only, map reused),
 //    amber = steps it needs in full (key steps, cache step, maps kept), grey = runs as usual;
 //  * one to three lines of text.
-// Before a run (and whenever an input changes after one) the bar is a *preview* computed here from
-// the node's widgets and the step count of the KSampler it feeds; the text names the setting.
+// Before a run (and whenever an input changes after one) the bar is a *preview* the server computes with the
+// Python schedules (core/preview.py) from the node's widgets and the step count of the KSampler it feeds.
 // After a run the Python side sends "freespeed.stats" (nodes/hooks.py publish) with the run's stats,
 // the readout line and the run's real segments (nodes/readout.py); those are shown until an input
 // of the node changes again.
@@ -20,12 +20,14 @@ const LINE_H = 13;
 const MAX_LINES = 3;
 const COLORS = { full: "#4b5563", active: "#22c55e", key: "#f59e0b" };
 const DEFAULT_STEPS = 20;
-const PAPER_50LS = [0, 2, 4, 6, 10, 20, 30, 50, 70];
 
 // node id -> last message (kept even if the node is not on the canvas yet, e.g. inside a reload)
 const lastRun = new Map();
+// node id -> { sig, segments, text, pending }: the schedule preview the server computed (POST /freespeed/preview,
+// the Python schedules themselves: one definition of every schedule)
+const previews = new Map();
 // exposed for tests and for curious users (read-only use)
-window.FreeSpeed = { lastRun, drawn: new Map(), previewSegments, widgetValue: (n, k) => widget(n, k) };
+window.FreeSpeed = { lastRun, previews, drawn: new Map(), previewSegments, widgetValue: (n, k) => widget(n, k) };
 
 function isFreeSpeed(type) {
   return typeof type === "string" && type.startsWith("FreeSpeed") && !type.startsWith("FreeSpeedTest");
@@ -66,99 +68,28 @@ function downstreamSteps(node, depth = 0) {
   return null;
 }
 
-function stepOf(percent, steps) {
-  // first step at or past a percent of denoising (0..100), as the Python side maps percents
-  return Math.max(0, Math.min(steps, Math.ceil((percent / 100) * steps - 1e-9)));
-}
-
-function merge(kinds, steps) {
-  const out = [];
-  let start = 0;
-  for (let i = 1; i <= steps; i++) {
-    if (i === steps || kinds[i][0] !== kinds[start][0] || kinds[i][1] !== kinds[start][1]) {
-      out.push({ start: start / steps, end: i / steps, kind: kinds[start][0], label: kinds[start][1] });
-      start = i;
-    }
-  }
-  return out;
-}
-
-function parsePercents(text) {
-  return String(text ?? "")
-    .split(/[,\s]+/)
-    .map((s) => Number(s.replace("%", "")))
-    .filter((x) => Number.isFinite(x) && x >= 0 && x <= 100);
-}
-
-// { segments, text } previewed from the node's current inputs
+// { segments, text } of the node's current inputs: the server's answer for this signature, asked for once
 function previewSegments(node) {
+  const id = String(node.id);
+  const sig = signature(node);
+  const known = previews.get(id);
+  if (known && known.sig === sig) return known;
+  const entry = { sig, segments: known?.segments ?? [], text: known?.text ?? "…", pending: true };
+  previews.set(id, entry);
+  const widgets = Object.fromEntries((node.widgets ?? []).map((w) => [w.name, w.value]));
   const steps = Math.max(1, Math.round(num(downstreamSteps(node), DEFAULT_STEPS)));
-  const t = node.type ?? node.comfyClass;
-  if (t === "FreeSpeedToDo") {
-    const f1 = num(widget(node, "factor_level_1"), 1);
-    const f2 = num(widget(node, "factor_level_2"), 1);
-    const s = num(widget(node, "start_percent"), 0);
-    const e = num(widget(node, "end_percent"), 1);
-    if ((f1 <= 1 && f2 <= 1) || e < s) return { segments: [{ start: 0, end: 1, kind: "full", label: "off" }], text: "factors 1: off" };
-    const segs = [];
-    if (s > 0) segs.push({ start: 0, end: s, kind: "full", label: "full attention" });
-    segs.push({ start: s, end: e, kind: "active", label: "K/V downsampled" });
-    if (e < 1) segs.push({ start: e, end: 1, kind: "full", label: "full attention" });
-    const lv = [f1 > 1 ? `÷${f1} at level 1` : null, f2 > 1 ? `÷${f2} at level 2` : null].filter(Boolean).join(", ");
-    return { segments: segs, text: `K/V ${lv} · window ${Math.round(s * 100)}–${Math.round(e * 100)}%` };
-  }
-  if (t === "FreeSpeedTGate") {
-    const g = num(widget(node, "gate"), 0.4);
-    if (g >= 1) return { segments: [{ start: 0, end: 1, kind: "full", label: "gate off" }], text: "gate off (100%)" };
-    const before = stepOf(g * 100, steps);
-    const kinds = [];
-    for (let i = 0; i < steps; i++) kinds.push(i < before ? (i === before - 1 ? ["key", "cache step"] : ["full", "before gate"]) : ["active", "gated"]);
-    const cfg = widget(node, "keep_cfg") ? "CFG kept" : "CFG off after gate";
-    return { segments: merge(kinds, steps), text: `gate at step ${before}/${steps} · ${cfg}` };
-  }
-  if (t === "FreeSpeedEncoderPropagation") {
-    const mode = widget(node, "schedule") ?? "paper 50ls";
-    let keys;
-    if (mode === "every k steps") {
-      const k = Math.max(1, Math.round(num(widget(node, "every_k"), 4)));
-      keys = [];
-      for (let i = 0; i < steps; i += k) keys.push(i);
-    } else {
-      const ps = mode === "custom percents" ? parsePercents(widget(node, "key_percents")) : PAPER_50LS;
-      keys = ps.map((p) => stepOf(p, steps));
-    }
-    const keySet = new Set([0, ...keys.filter((k) => k < steps)]);
-    const kinds = [];
-    for (let i = 0; i < steps; i++) kinds.push(keySet.has(i) ? ["key", "key step"] : ["active", "decoder only"]);
-    return { segments: merge(kinds, steps), text: `${keySet.size} key steps/${steps} · ${steps - keySet.size} decoder-only` };
-  }
-  if (t === "FreeSpeedAttentionMapReuse") {
-    const mode = widget(node, "schedule") ?? "late (paper)";
-    const reuse = new Set();
-    if (mode === "late (paper)") {
-      const first = stepOf(num(widget(node, "start"), 0.5) * 100, steps);
-      const k = Math.max(0, Math.round(num(widget(node, "refresh_every"), 0)));
-      for (let i = first; i < steps; i++) {
-        const p = first > 0 ? i - first + 1 : i - first;
-        if (i === 0 || (k > 0 && p % k === 0)) continue;
-        reuse.add(i);
-      }
-    } else if (mode === "custom percents") {
-      for (const p of parsePercents(widget(node, "custom_percents"))) {
-        const s = stepOf(p, steps);
-        if (s > 0 && s < steps) reuse.add(s);
-      }
-    }
-    const kinds = [];
-    for (let i = 0; i < steps; i++) kinds.push(reuse.has(i) ? ["active", "map reused"] : reuse.has(i + 1) ? ["key", "maps kept"] : ["full", "computed"]);
-    return { segments: merge(kinds, steps), text: reuse.size ? `${reuse.size} reuse steps/${steps}` : "no reuse step" };
-  }
-  if (t === "FreeSpeedAttentionMapReuseSearch") {
-    const n = Math.round(num(widget(node, "steps"), 20));
-    const budget = Math.round(num(widget(node, "reuse_steps"), 10));
-    return { segments: [], text: `searches ${budget} reuse steps of ${n} (${n + 2} calibration runs)` };
-  }
-  return { segments: [], text: "" };
+  api
+    .fetchApi("/freespeed/preview", { method: "POST", body: JSON.stringify({ type: node.type ?? node.comfyClass, widgets, steps }) })
+    .then((r) => r.json())
+    .then((p) => {
+      if (previews.get(id) !== entry) return;
+      previews.set(id, { sig, segments: Array.isArray(p.segments) ? p.segments : [], text: String(p.text ?? ""), pending: false });
+      app.graph?.setDirtyCanvas?.(true, false);
+    })
+    .catch(() => {
+      if (previews.get(id) === entry) previews.set(id, { sig, segments: [], text: "no preview", pending: false });
+    });
+  return entry;
 }
 
 function signature(node) {

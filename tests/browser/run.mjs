@@ -124,8 +124,9 @@ try {
   await page.screenshot({ path: crop, clip });
   report.screenshots.push(full, crop);
 
-  // 4. live preview: change T-GATE's gate, the bar and text follow without a run
-  report.preview = await page.evaluate(() => {
+  // 4. live preview: change T-GATE's gate, the bar and text follow without a run (the server computes the
+  //    preview with the Python schedules: redraw until its answer is in)
+  report.preview = await page.evaluate(async () => {
     const app = window.comfyAPI.app.app;
     const node = app.graph._nodes.find((n) => n.type === "FreeSpeedTGate");
     if (!node) return null;
@@ -133,9 +134,14 @@ try {
     const w = node.widgets.find((x) => x.name === "gate");
     w.value = 0.7;
     w.callback?.(0.7, app.canvas, node);
-    app.canvas.setDirty(true, true);
-    app.canvas.draw(true, true);
-    const after = window.FreeSpeed.drawn.get(String(node.id));
+    let after = null;
+    for (let i = 0; i < 50; i++) {
+      app.canvas.setDirty(true, true);
+      app.canvas.draw(true, true);
+      after = window.FreeSpeed.drawn.get(String(node.id));
+      if (after && !String(after.text).includes("…")) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
     return { id: String(node.id), before, after };
   });
   const prev = path.join(outDir, "preview.png");

@@ -14,36 +14,21 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench import report, results, timing  # noqa: E402
-from bench.techniques import todo_factors  # noqa: E402
+from bench.speed import todo_factors  # noqa: E402
+
+from comfyui_freespeed.core import measure  # noqa: E402
 
 
 # -- interleaving and ratios ----------------------------------------------------------------------
-def test_interleaved_order_alternates_after_warmup():
-    order = timing.interleaved_order(3, warmup=1)
-    assert order[:2] == [("base", True), ("patched", True)]
-    assert [lb for lb, w in order if not w] == ["base", "patched"] * 3
-    assert timing.interleaved_order(1, warmup=0) == [("base", False), ("patched", False)]
-    with pytest.raises(ValueError):
-        timing.interleaved_order(0)
-
-
-def test_ratio_is_median_base_over_median_patched():
-    runs = [("base", 10.0), ("patched", 5.0), ("base", 12.0), ("patched", 6.0), ("base", 11.0), ("patched", 5.5)]
-    assert timing.ratio_from_runs(runs) == pytest.approx(11.0 / 5.5)
-    assert timing.split_runs(runs)["patched"] == [5.0, 6.0, 5.5]
-
-
 def test_ratio_ignores_a_single_outlier():
     base = [10.0, 10.0, 100.0]            # one disturbed run
     patched = [5.0, 5.0, 5.0]
-    assert timing.speed_ratio(base, patched) == pytest.approx(2.0)
+    assert measure.speed_ratio(base, patched) == pytest.approx(2.0)
 
 
-def test_ratio_needs_both_sides():
+def test_median_of_nothing_is_an_error():
     with pytest.raises(ValueError):
-        timing.ratio_from_runs([("base", 1.0)])
-    with pytest.raises(ValueError):
-        timing.median([])
+        measure.median([])
 
 
 # -- ideal ratio ----------------------------------------------------------------------------------
@@ -70,11 +55,11 @@ def test_fraction_of_ideal():
 
 # -- automatic repeat count -----------------------------------------------------------------------
 def test_want_another_round():
-    assert timing.want_another_round(0, 5, 1e9, 1e9, 1e9, 10.0)          # always one round
-    assert not timing.want_another_round(5, 5, 0.0, 1.0, 0.0, 100.0)     # max reached
-    assert timing.want_another_round(1, 5, 50.0, 20.0, 20.0, 100.0)      # 90 <= 100
-    assert not timing.want_another_round(1, 5, 50.0, 20.0, 40.0, 100.0)  # 110 > 100
-    assert timing.want_another_round(3, 5, 1e9, 1e9, 0.0, None)          # no budget: up to max
+    assert measure.want_another_round(0, 5, 1e9, 1e9, 1e9, 10.0)          # always one round
+    assert not measure.want_another_round(5, 5, 0.0, 1.0, 0.0, 100.0)     # max reached
+    assert measure.want_another_round(1, 5, 50.0, 20.0, 20.0, 100.0)      # 90 <= 100
+    assert not measure.want_another_round(1, 5, 50.0, 20.0, 40.0, 100.0)  # 110 > 100
+    assert measure.want_another_round(3, 5, 1e9, 1e9, 0.0, None)          # no budget: up to max
 
 
 def test_todo_factors():
@@ -159,28 +144,6 @@ def test_tables_show_the_three_figures(tmp_path):
 
 
 # -- the suite's fewer-steps comparison ------------------------------------------------------------
-def test_suite_compares_each_row_with_the_fewer_steps_run_of_equal_time():
-    from bench.suite import compare_with_fewer_steps
-    rows = [{"name": "baseline", "kind": "baseline", "steps": 20, "median_s": 2.0, "psnr_db": math.inf},
-            {"name": "fast", "kind": "freespeed", "steps": 20, "median_s": 1.05, "psnr_db": 30.0},
-            {"name": "close", "kind": "freespeed", "steps": 20, "median_s": 1.6, "psnr_db": 25.0},
-            {"name": "fastest", "kind": "peer", "steps": 20, "median_s": 0.2, "psnr_db": 10.0},
-            {"name": "broken", "kind": "freespeed", "steps": 20, "error": "refused"},
-            {"name": "slow", "kind": "peer", "steps": 20, "median_s": 2.2, "psnr_db": math.inf},
-            {"name": "steps5", "kind": "fewer_steps", "steps": 5, "median_s": 0.5, "psnr_db": 18.0},
-            {"name": "steps10", "kind": "fewer_steps", "steps": 10, "median_s": 1.0, "psnr_db": 24.0},
-            {"name": "steps15", "kind": "fewer_steps", "steps": 15, "median_s": 1.5, "psnr_db": 28.0}]
-    compare_with_fewer_steps(rows)
-    by = {r["name"]: r for r in rows}
-    assert by["fast"]["fewer_steps_match"]["steps"] == 10 and by["fast"]["beats_fewer_steps"] is True
-    assert by["close"]["fewer_steps_match"]["steps"] == 15 and by["close"]["beats_fewer_steps"] is False
-    assert by["fastest"]["fewer_steps_match"] is None and by["fastest"]["beats_fewer_steps"] is None
-    assert "fewer_steps_match" not in by["broken"] and "fewer_steps_match" not in by["baseline"]
-    assert "fewer_steps_match" not in by["steps10"]
-    # slower than the baseline (here: an exact no-op) is compared with the baseline itself, never "better"
-    assert by["slow"]["fewer_steps_match"]["baseline"] is True and by["slow"]["beats_fewer_steps"] is False
-
-
 def test_case_settings_are_parsed_as_json_where_they_parse():
     from bench.case_sampling import parse_settings
     assert parse_settings(["cache_limit_mb=4096", "map_dtype=fp32", "cache_on_cpu=true", "start=0.6"]) == {
@@ -191,8 +154,16 @@ def test_case_settings_are_parsed_as_json_where_they_parse():
 
 
 def test_suite_defaults_depend_on_the_model():
+    from types import SimpleNamespace
+
+    import torch
     from bench.suite import SuiteOptions, resolve
-    fx, sd, xl = resolve(SuiteOptions()), resolve(SuiteOptions(model="sd15")), resolve(SuiteOptions(model="sdxl"))
-    assert (fx.batch, fx.width, fx.cfg) == (4, 128, 5.0)           # one sample per fixture prompt
-    assert (sd.batch, sd.width, sd.cfg) == (1, 512, 7.0) and (xl.batch, xl.width) == (1, 1024)
+    sd, xl = resolve(SuiteOptions(model="sd15")), resolve(SuiteOptions(model="sdxl"))
+    assert (sd.batch, sd.width, sd.cfg, sd.steps, sd.sampler) == (1, 512, 7.0, 20, "euler") and (xl.batch, xl.width) == (1, 1024)
     assert resolve(SuiteOptions(model="sd15", batch=3, width=256, height=256)).batch == 3
+    # a fixture subject brings its own size, steps, cfg and sampler; explicit options still win where given
+    sub = SimpleNamespace(defaults={"width": 256, "height": 256, "steps": 30, "cfg": 4.0, "sampler": "dpmpp_2m"},
+                          latent=torch.zeros(64, 4, 32, 32))
+    fx = resolve(SuiteOptions(), sub)
+    assert (fx.batch, fx.width, fx.steps, fx.cfg, fx.sampler, fx.scheduler) == (64, 256, 30, 4.0, "dpmpp_2m", "normal")
+    assert resolve(SuiteOptions(steps=12, cfg=2.0), sub).steps == 12 and resolve(SuiteOptions(cfg=2.0), sub).cfg == 2.0

@@ -1,26 +1,19 @@
-"""core.cache, core.tokens and core.attention against plain reference computations."""
+"""core.cache, core.batch, core.tokens and core.attention against plain reference computations."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_freespeed.core.attention import (attention_chunked, attention_from_map, attention_map,
-                                              attention_with_map, map_entropy)
-from comfyui_freespeed.core.cache import CacheStore, cache_key
-from comfyui_freespeed.core.tokens import (downsample_grid, downsampled_size, factor_for_level, grid_for_tokens,
-                                           grid_to_tokens, level_grids, tokens_to_grid)
+from comfyui_freespeed.core import attention as A
+from comfyui_freespeed.core.attention import (attention_from_map, attention_map, explicit_attention, map_times_v)
+from comfyui_freespeed.core.batch import BatchLayout
+from comfyui_freespeed.core.cache import BranchAccumulator, CacheStore
+from comfyui_freespeed.core.gating import branch_mean
+from comfyui_freespeed.core.tokens import downsample_grid, downsampled_size, factor_for_level, level_grids
 
 
 # ---------------------------------------------------------------------------------------------- cache
-def test_cache_key_separates_branches_blocks_and_layouts():
-    a = cache_key("attn2", ("input", 1, 0), conds=[0], batch=(1, 0))
-    assert a != cache_key("attn2", ("input", 1, 0), conds=[1], batch=(1, 0))
-    assert a != cache_key("attn2", ("input", 2, 0), conds=[0], batch=(1, 0))
-    assert a != cache_key("attn2", ("input", 1, 0), conds=[0], batch=(0, 1))
-    assert a == cache_key("attn2", ("input", 1, 0), conds=(0,), batch=(1, 0))
-
-
 def test_cache_budget_refuses_instead_of_evicting():
     store = CacheStore(budget_bytes=4 * 100)
     assert store.put("a", torch.zeros(60))          # 240 bytes
@@ -52,6 +45,42 @@ def test_cache_offload_keeps_a_copy_not_a_view():
     assert store.stats.as_dict()["puts"] == 1
 
 
+def test_branch_accumulator_means_branches_of_the_latest_round():
+    acc = BranchAccumulator(CacheStore())
+    c1, c2, u = torch.full((1, 3), 1.0), torch.full((1, 3), 3.0), torch.full((1, 3), 10.0)
+    acc.add("site", 1, [("uncond", u * 7)])             # an older round, replaced below
+    acc.add("site", 2, [("cond", c1)])                  # cond and uncond of round 2 arrive in two calls,
+    acc.add("site", 2, [("cond", c2), ("uncond", u)])   # the cond branch in two chunks
+    assert acc.latest_round == 2 and acc.has("site") and not acc.has("other")
+    got = acc.mean("site", reduce=branch_mean)
+    assert torch.equal(got, torch.full((1, 3), ((1 + 3) / 2 + 10) / 2))
+    assert torch.equal(acc.mean("site", reduce=branch_mean), got)          # reduced once, then served
+    assert acc.mean("other", reduce=branch_mean) is None
+
+
+def test_branch_accumulator_drops_a_branch_the_budget_refuses():
+    acc = BranchAccumulator(CacheStore(budget_bytes=4 * 3))
+    acc.add("a", 1, [("cond", torch.ones(1, 3)), ("uncond", torch.ones(1, 3))])
+    assert acc.store.stats.rejected == 1
+    assert torch.equal(acc.mean("a", reduce=branch_mean), torch.ones(1, 3))   # only the branch that fit
+
+
+# -------------------------------------------------------------------------------------------- batch
+def test_batch_layout_reads_chunks_in_comfyuis_order():
+    lay = BatchLayout.from_options({"cond_or_uncond": [1, 0], "uuids": ["u", "c"]}, 6)
+    assert lay.per == 3 and lay.size == 6 and lay.keyed
+    chunks = lay.chunks()
+    assert [(c.branch, c.uuid, c.rows) for c in chunks] == [(1, "u", slice(0, 3)), (0, "c", slice(3, 6))]
+    assert lay.roles({0: "cond", 1: "uncond"}) == ("uncond", "cond")
+
+
+def test_batch_layout_that_does_not_divide_is_one_unkeyed_chunk():
+    lay = BatchLayout.from_options({"cond_or_uncond": [1, 0], "uuids": ["u", "c"]}, 5)
+    assert lay.branches == (0,) and lay.per == 5 and not lay.keyed
+    assert not BatchLayout.from_options({"cond_or_uncond": [0, 1], "uuids": ["a", "a"]}, 4).keyed
+    assert BatchLayout.from_options(None, 2).chunks()[0].rows == slice(0, 2)
+
+
 # --------------------------------------------------------------------------------------------- tokens
 def test_level_grids_use_ceil_halving_like_the_unet():
     # 520x776 px -> 65x97 latent -> 33x49 -> 17x25 (stride-2 conv with padding 1 = ceil)
@@ -60,12 +89,6 @@ def test_level_grids_use_ceil_halving_like_the_unet():
     conv = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
     y = conv(conv(x))
     assert tuple(y.shape[-2:]) == (17, 25)
-
-
-def test_grid_for_tokens_finds_level_for_any_aspect_ratio():
-    assert grid_for_tokens(65 * 97, 65, 97) == (1, 65, 97)
-    assert grid_for_tokens(33 * 49, 65, 97) == (2, 33, 49)
-    assert grid_for_tokens(77, 65, 97) is None           # a text sequence is not a grid
 
 
 @pytest.mark.parametrize("method", ["nearest", "avg-pool", "bilinear"])
@@ -99,9 +122,7 @@ def test_downsample_rejects_bad_input():
         downsample_grid(torch.zeros(1, 9, 2), 3, 3, 2, "lanczos")
 
 
-def test_grid_roundtrip_and_level_factors():
-    x = torch.randn(2, 12, 4)
-    assert torch.equal(grid_to_tokens(tokens_to_grid(x, 3, 4)), x)
+def test_level_factors():
     assert factor_for_level(1, (2.0, 1.5)) == 2.0
     assert factor_for_level(2, (2.0, 1.5)) == 1.5
     assert factor_for_level(3, (2.0, 1.5)) == 1.0
@@ -115,35 +136,25 @@ def _ref_attention(q, k, v, heads):
     return F.scaled_dot_product_attention(qh, kh, vh).permute(0, 2, 1, 3).reshape(b, n, hd)
 
 
-def test_attention_with_map_equals_sdpa_and_map_is_stochastic():
+def test_explicit_attention_equals_sdpa_and_map_is_stochastic():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 10, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16)
-    out, attn = attention_with_map(q, k, v, heads=4)
+    out, attn = explicit_attention(q, k, v, 4, torch.float32)
     assert torch.allclose(out, _ref_attention(q, k, v, 4), atol=1e-5)
     assert attn.shape == (2, 4, 10, 7)
     assert torch.allclose(attn.sum(-1), torch.ones(2, 4, 10), atol=1e-6)
+    assert torch.allclose(attention_from_map(attention_map(q, k, 4), v, 4), out, atol=1e-6)
 
 
-def test_attention_from_map_reproduces_output_and_map_dtype():
-    torch.manual_seed(1)
-    q, k, v = torch.randn(1, 9, 8), torch.randn(1, 9, 8), torch.randn(1, 9, 8)
-    out, attn = attention_with_map(q, k, v, heads=2, map_dtype=torch.float16)
-    assert attn.dtype == torch.float16
-    again = attention_from_map(attn, v, heads=2)
-    assert torch.allclose(again, out, atol=1e-2)
-    exact = attention_from_map(attention_map(q, k, 2), v, 2)
-    assert torch.allclose(exact, out, atol=1e-6)
-
-
-def test_attention_chunked_matches_unchunked():
-    torch.manual_seed(2)
-    q, k, v = torch.randn(2, 33, 8), torch.randn(2, 20, 8), torch.randn(2, 20, 8)
-    assert torch.allclose(attention_chunked(q, k, v, 2, query_chunk=8), _ref_attention(q, k, v, 2), atol=1e-5)
-
-
-def test_map_entropy_bounds():
-    uniform = torch.full((1, 1, 4, 8), 1 / 8)
-    onehot = torch.zeros(1, 1, 4, 8)
-    onehot[..., 0] = 1
-    assert map_entropy(uniform) == pytest.approx(1.0, abs=1e-6)
-    assert map_entropy(onehot) == pytest.approx(0.0, abs=1e-4)
+def test_explicit_attention_in_query_chunks_matches_whole(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 32, generator=g) * 3 for _ in range(3))
+    out1, m1 = explicit_attention(q, k, v, 4, torch.float16)
+    r1 = map_times_v(m1, v, 4)
+    monkeypatch.setattr(A, "TEMP_ELEMENTS", 2 * 4 * 64 * 5)          # 5 query rows at a time
+    assert A.query_chunk(2, 4, 64, 64) == 5
+    out2, m2 = explicit_attention(q, k, v, 4, torch.float16)
+    r2 = map_times_v(m2, v, 4)
+    assert m2.dtype == torch.float16 and m2.shape == (2, 4, 64, 64)
+    assert torch.allclose(out1, out2, atol=1e-5) and torch.allclose(m1.float(), m2.float(), atol=1e-3)
+    assert torch.allclose(r1, r2, atol=1e-5) and torch.allclose(r1, out1, atol=1e-2)

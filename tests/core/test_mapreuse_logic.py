@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from comfyui_freespeed.core.attention import attention_from_map, attention_map, attention_with_map
 from comfyui_freespeed.core.mapreuse import (KEEP, ORIGINAL, REUSE, ReusePlan, actions_for, custom_reuse_steps,
                                              distortion, format_percents, hurry_steps, late_reuse_steps, map_bytes,
-                                             map_key, parse_levels, pick_reuse_steps, resolve_plan, steps_to_percents)
+                                             map_key, parse_levels, pick_reuse_steps, resolve_plan, search_schedule,
+                                             steps_to_percents)
 from comfyui_freespeed.core.schedule import RunSchedule, parse_percent_list, percents_to_steps
 
 
@@ -119,12 +119,26 @@ def test_search_scoring():
     assert hurry_steps(4, 10) == [1, 2, 3]
 
 
-def test_reuse_from_map_equals_attention_with_that_map():
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 16, 32) for _ in range(3))
-    out, m = attention_with_map(q, k, v, heads=4)
-    assert torch.allclose(attention_from_map(m, v, 4), out, atol=1e-6)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q.view(2, 16, 4, 8).transpose(1, 2), k.view(2, 16, 4, 8).transpose(1, 2), v.view(2, 16, 4, 8).transpose(1, 2))
-    assert torch.allclose(out, ref.transpose(1, 2).reshape(2, 16, 32), atol=1e-5)
-    assert attention_map(q, k, 4).shape == (2, 4, 16, 16)
+def test_search_picks_least_distortion_and_never_loses_to_the_late_schedule():
+    s = RunSchedule([10.0 - i for i in range(11)], lambda p: 10.0 * (1 - p))
+    # distortion of a set of reuse steps: step 5 hurts most, steps 2 and 3 least (not the late ones)
+    cost = {i: 1.0 for i in range(1, 10)}
+    cost.update({2: 0.1, 3: 0.2, 5: 9.0})
+    seen = []
+
+    def distortion_of(steps):
+        seen.append(list(steps))
+        mse = sum(cost[i] for i in steps) or 1e-9
+        return {"mse": mse, "psnr": -mse}
+
+    res = search_schedule(s, 2, distortion_of)
+    assert res["greedy_steps"] == [2, 3] and res["late_steps"] == [8, 9] and res["chosen"] == "greedy"
+    assert res["reuse_steps"] == [2, 3] and len(seen) == 9 + 2          # one run per candidate, then both full
+    assert percents_to_steps(parse_percent_list(res["percents"]), s) == [2, 3]
+
+    def interacting(steps):                       # reusing at 2 and 3 together compounds: the late schedule wins
+        mse = 100.0 if list(steps) == [2, 3] else sum(cost[i] for i in steps)
+        return {"mse": mse, "psnr": -mse}
+
+    res = search_schedule(s, 2, interacting)
+    assert res["chosen"] == "late" and res["reuse_steps"] == [8, 9] and res["psnr"] == -2.0

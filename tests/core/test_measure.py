@@ -80,23 +80,74 @@ def test_match_fewer_steps_picks_the_largest_affordable_count():
     assert measure.match_fewer_steps({4: 1.0, 6: 0.9, 8: 1.5}, 1.0) == 6
 
 
-def test_interpolate_curve():
-    pts = [(2.0, 20.0), (1.0, 40.0), (4.0, 10.0)]
-    assert measure.interpolate_curve(pts, 1.5) == pytest.approx(30.0)
-    assert measure.interpolate_curve(pts, 3.0) == pytest.approx(15.0)
-    assert measure.interpolate_curve(pts, 4.0) == pytest.approx(10.0)
-    assert measure.interpolate_curve(pts, 0.5) is None
-    assert measure.interpolate_curve(pts, 5.0) is None
-    assert measure.interpolate_curve([(1.0, math.inf), (2.0, 30.0)], 1.0) == math.inf
-
-
-def test_timing_helpers_are_the_benchs():
-    order = measure.interleaved_order(2, labels=("a", "b", "c"), warmup=1)
-    assert [lb for lb, w in order if w] == ["a", "b", "c"]
-    assert [lb for lb, w in order if not w] == ["a", "b", "c", "a", "b", "c"]
+def test_speed_ratio_is_median_over_median():
     assert measure.speed_ratio([2.0, 4.0, 3.0], [1.0, 1.5, 2.0]) == pytest.approx(2.0)
     with pytest.raises(ValueError):
         measure.speed_ratio([1.0], [0.0])
+
+
+def test_rounds_engine_warms_up_rotates_and_keeps_the_first_timed_result():
+    calls = []
+
+    def run(label, warm):
+        calls.append((label, warm))
+        n = sum(1 for c in calls if c[0] == label and not c[1])
+        return f"{label}{n}", 1.0 + n
+
+    res = measure.timed_rounds(["a", "b", "c"], run, repeats=3)
+    assert calls[:3] == [("a", True), ("b", True), ("c", True)]
+    timed = [lb for lb, w in calls if not w]
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]      # round r starts at label r
+    assert res.rounds == 3 and res.first == {"a": "a1", "b": "b1", "c": "c1"}
+    assert res.times["a"] == [2.0, 3.0, 4.0]
+
+
+def test_rounds_engine_drops_a_failing_label_when_asked():
+    def run(label, warm):
+        if label == "bad" and not warm:
+            raise RuntimeError("boom")
+        return label, 1.0
+
+    res = measure.timed_rounds(["ok", "bad"], run, repeats=2, catch=True)
+    assert str(res.failed["bad"]) == "boom" and res.times == {"ok": [1.0, 1.0], "bad": []}
+    with pytest.raises(RuntimeError):
+        measure.timed_rounds(["ok", "bad"], run, repeats=1)
+
+
+def test_rounds_engine_fits_a_budget():
+    def run(label, warm):
+        return None, 0.0
+
+    assert measure.timed_rounds(["a"], run, max_rounds=4, budget_s=None, warmup=False).rounds == 4
+    assert measure.timed_rounds(["a"], run, max_rounds=4, budget_s=-1.0, warmup=False).rounds == 1   # at least one
+    seen = []
+    measure.timed_rounds(["a"], run, max_rounds=3, budget_s=1e9, warmup=False,
+                         reserve_s=lambda round_s, warm_s: seen.append((round_s >= 0, warm_s == 0.0)) or 0.0)
+    assert seen and all(a and b for a, b in seen)
+
+
+def test_one_fewer_steps_rule():
+    rows = [{"name": "baseline", "kind": "baseline", "steps": 20, "median_s": 2.0, "psnr_db": math.inf},
+            {"name": "s10", "kind": "fewer_steps", "steps": 10, "median_s": 1.0, "psnr_db": 30.0},
+            {"name": "s15", "kind": "fewer_steps", "steps": 15, "median_s": 1.5, "psnr_db": 35.0},
+            {"name": "fast", "kind": "freespeed", "steps": 20, "median_s": 1.2, "psnr_db": 32.0},
+            {"name": "good", "kind": "freespeed", "steps": 20, "median_s": 1.6, "psnr_db": 34.0},
+            {"name": "slow", "kind": "freespeed", "steps": 20, "median_s": 2.5, "psnr_db": 50.0},
+            {"name": "fastest", "kind": "peer", "steps": 20, "median_s": 0.5, "psnr_db": 20.0}]
+    measure.compare_with_fewer_steps(rows)
+    by = {r["name"]: r for r in rows}
+    assert by["fast"]["beats_fewer_steps"] is True and by["fast"]["fewer_steps_match"]["steps"] == 10
+    assert by["good"]["beats_fewer_steps"] is False and by["good"]["fewer_steps_match"]["steps"] == 15
+    # slower than the full run itself: compared with it, and loses
+    assert by["slow"]["beats_fewer_steps"] is False and by["slow"]["fewer_steps_match"]["baseline"] is True
+    assert by["fastest"]["beats_fewer_steps"] is None
+    assert "beats_fewer_steps" not in by["s10"]
+    # a lower-is-better metric with its own verdict key
+    for r, fd in zip(rows, (0.0, 9.0, 4.0, 5.0, 3.0, 1.0, 8.0)):
+        r["fd"] = fd
+    measure.compare_with_fewer_steps(rows, metric="fd", verdict_key="beats_q", higher_is_better=False)
+    assert by["fast"]["beats_q"] is True and by["good"]["beats_q"] is True
+    assert by["fast"]["fewer_steps_match"]["fd"] == 9.0 and by["fast"]["fewer_steps_match"]["psnr_db"] == 30.0
 
 
 def test_fewer_steps_counts_spread_below_the_full_count():

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from comfyui_freespeed.core.pruning import (DSAP, LayerShape, attention_with_mean_map, gather_tokens, gwpr_scores,
+from comfyui_freespeed.core.attention import attention_with_mean_map
+from comfyui_freespeed.core.pruning import (DSAP, LayerShape, gather_tokens, gwpr_scores,
                                             kept_count, layer_flops, ranking_flops, recover_tokens,
                                             recovery_source, select_kept, stage_edges)
 

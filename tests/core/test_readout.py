@@ -1,22 +1,17 @@
-"""nodes/readout.py: the canvas readout and schedule segments computed from a technique's stats.
+"""core/readout.py: the canvas readout and schedule segments computed from a technique's stats (no host).
 
-readout.py is pure Python; it is loaded from its file here so that this test needs neither torch
-nor a ComfyUI host (importing ``comfyui_freespeed.nodes`` would import ComfyUI's node API).  The
-stats dicts below have the shape of ``Technique.stats`` of each node (same keys, realistic values).
+The stats dicts below have the shape each technique publishes (``core.stats``: the same keys,
+realistic values).
 """
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
-import os
 
 import pytest
 
-from conftest import REPO
-
-_spec = importlib.util.spec_from_file_location("freespeed_readout", os.path.join(REPO, "nodes", "readout.py"))
-readout = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(readout)
+from comfyui_freespeed.core import readout
+from comfyui_freespeed.core.techniques import TECHNIQUES
 
 
 def tgate_stats(**kw):
@@ -176,5 +171,16 @@ def test_atedm_readout_and_dsap_segments():
     assert off["readout"].startswith("ratio 0: nothing pruned") and [s["kind"] for s in off["segments"]] == ["full"]
     left = readout.readout(atedm_stats(stack_calls_left_kv_changed=5, dsap_end_pct=0.0))
     assert "5 left alone" in left and "DSAP" not in left
-    assert readout.segments(atedm_stats(dsap_end_pct=0.0)) == [
+    assert readout.annotate(atedm_stats(dsap_end_pct=0.0))["segments"] == [
         {"start": 0.0, "end": 1.0, "kind": "active", "label": "pruned"}]
+
+
+def test_every_registered_technique_has_a_rule_and_its_stats_round_trip():
+    for t in TECHNIQUES:
+        assert t.name in readout.RULES
+        s = t.stats()
+        assert s.technique == t.name
+        assert t.stats.from_dict(json.loads(json.dumps(s.as_dict()))) == s
+        assert readout.annotate(s.as_dict())["readout"]
+        # a key a rule reads but the stats class does not define would fall back silently: keep them in step
+        assert {f.name for f in dataclasses.fields(t.stats)} >= {"technique", "steps", "wall_s"}

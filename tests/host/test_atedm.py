@@ -4,20 +4,15 @@ import logging
 import pytest
 import torch
 
-from tiny import sample, tiny_flux, tiny_sd3, tiny_sd15, tiny_sdxl
+from tiny import sample, technique_of, tiny_lumina2, tiny_sd15
 
-import comfy.patcher_extension as pe
 
 from comfyui_freespeed.core.pruning import kept_count, stage_edges
 from comfyui_freespeed.nodes.atedm import ATEDMConfig, ATEDMNode, apply_atedm, map_bytes
-from comfyui_freespeed.nodes.hooks import LAST_STATS, UnsupportedModelError
+from comfyui_freespeed.nodes.hooks import LAST_STATS
+from comfyui_freespeed.nodes.sites import UnsupportedModelError
 from comfyui_freespeed.nodes.tgate import TGateConfig, apply_tgate
 from comfyui_freespeed.nodes.todo import ToDoConfig, apply_todo
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return tiny_sd15(qk_std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +20,8 @@ def sd15_deep():
     return tiny_sd15(qk_std=0.3, depth=2)
 
 
-@pytest.fixture(scope="module")
-def sdxl():
-    return tiny_sdxl(qk_std=0.3)
-
-
 def technique(model, key="freespeed.atedm"):
-    wrappers = model.wrappers.get(pe.WrappersMP.OUTER_SAMPLE, {}).get(key, [])
-    assert wrappers, f"{key} is not installed"
-    return wrappers[-1].__self__
+    return technique_of(model, key)
 
 
 class Spy:
@@ -69,17 +57,18 @@ def test_ratio_zero_is_the_unpatched_model_exactly_with_the_same_kernels(which, 
     assert s["stack_calls_pruned"] == 0 and s["flops_saved_pct"] == 0.0 and s["evaluations"] == 2
 
 
-def test_kept_set_is_the_top_of_a_reference_gwpr_and_pruned_tokens_copy_their_most_similar(sdxl):
+def test_kept_set_is_the_top_of_a_reference_gwpr_and_pruned_tokens_copy_their_most_similar(sdxl, monkeypatch):
+    from comfyui_freespeed.nodes import atedm_stack
     m = apply_atedm(sdxl.model, ATEDMConfig(ratio=0.5, dsap_end=0.0))
     tech = technique(m)
     seen = []
-    orig_prune = tech._prune
+    orig_prune = atedm_stack.prune
 
-    def prune(call, keep):
+    def prune(call, keep, iterations):
         a = call.map.clone()
-        orig_prune(call, keep)
+        orig_prune(call, keep, iterations)
         seen.append((a, keep, call.kept.clone(), call.source.clone()))
-    tech._prune = prune
+    monkeypatch.setattr(atedm_stack, "prune", prune)
     before_out = []
     hooks = [s.module.proj_out.register_forward_hook(lambda mod, inp, out: before_out.append(inp[0].detach().clone()))
              for s in tech.stacks]
@@ -88,7 +77,6 @@ def test_kept_set_is_the_top_of_a_reference_gwpr_and_pruned_tokens_copy_their_mo
     finally:
         for h in hooks:
             h.remove()
-        del tech._prune
     assert torch.isfinite(out).all()
     assert len(seen) == len(before_out) == 2 * len(tech.stacks)      # every stack pruned at both steps
     for (a, keep, kept, src), x in zip(seen, before_out):
@@ -228,10 +216,10 @@ def test_one_summary_log_line_per_run(sd15, caplog):
     assert len(lines) == 1 and lines[0].startswith("FreeSpeed AT-EDM: 2 evaluations") and "FLOPs saved" in lines[0]
 
 
-@pytest.mark.parametrize("builder,cls", [(tiny_flux, "comfy.model_base.Flux"), (tiny_sd3, "comfy.model_base.SD3")])
-def test_unsupported_models_get_a_clear_error(builder, cls):
-    with pytest.raises(UnsupportedModelError, match=cls.replace(".", r"\.")) as e:
-        apply_atedm(builder().model, ATEDMConfig())
+def test_unsupported_models_get_a_clear_error():
+    # DiTs are pruned since the DiT wave (tests/host/test_dit_atedm.py)
+    with pytest.raises(UnsupportedModelError, match=r"comfy\.model_base\.Lumina2") as e:
+        apply_atedm(tiny_lumina2().model, ATEDMConfig())
     assert "FreeSpeed AT-EDM" in str(e.value)
 
 
@@ -240,7 +228,7 @@ def test_v3_node_schema_and_execute(sd15):
     assert schema.node_id == "FreeSpeedATEDM" and schema.category == "model_patches/freespeed"
     assert schema.display_name == "FreeSpeed AT-EDM (attention-driven pruning)"
     assert [i.id for i in schema.inputs] == ["model", "ratio", "dsap_end_percent", "early_scale", "levels",
-                                             "map_budget_mb"]
+                                             "map_budget_mb", "dit_range_start", "dit_range_end", "recovery"]
     from comfy_api.v0_0_2 import io
     node = ATEDMNode.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "77"})
     patched = node.execute(sd15.model, 0.5, 0.0, 0.5, "1", 2048).result[0]

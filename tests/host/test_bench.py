@@ -114,11 +114,11 @@ def test_suite_cli_writes_its_three_files(tmp_path, capsys):
 def test_case_settings_reach_the_node_config(tiny15):
     """`python -m bench.case_sampling --set NAME=VALUE` builds the node's config with that override."""
     from bench.case_sampling import apply_technique
-    from bench.instrument import find_technique
+    from comfyui_freespeed.nodes.hooks import find
     m = apply_technique("mapreuse", tiny15.patcher, settings={"cache_limit_mb": 4096, "map_dtype": "fp32"})
-    cfg = find_technique(m, "freespeed.mapreuse").config
+    cfg = find(m, "freespeed.mapreuse").config
     assert cfg.cache_limit_mb == 4096 and cfg.map_dtype == "fp32" and cfg.start == 0.5     # others: defaults
     with pytest.raises(ValueError, match="no setting nope"):
         apply_technique("atedm", tiny15.patcher, settings={"nope": 1})
-    with pytest.raises(ValueError, match="--set applies"):
-        apply_technique("tgate", tiny15.patcher, settings={"gate": 0.5})
+    assert find(apply_technique("tgate", tiny15.patcher, settings={"gate": 0.5}), "freespeed.tgate").config.gate == 0.5
+    assert find(apply_technique("tgate", tiny15.patcher, gate=0.6), "freespeed.tgate").config.gate == 0.6

@@ -9,17 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny import sample, tiny_sd15
+from tiny import sample
 
 from comfyui_freespeed.nodes.encoder_propagation import EncoderPropagationConfig, apply_encoder_propagation
 from comfyui_freespeed.nodes.todo import ToDoConfig, apply_todo
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return tiny_sd15(qk_std=0.3)
 
 
 def _todo(model):

@@ -10,12 +10,12 @@ import comfy.sample
 import comfy.samplers
 from comfy.cldm.cldm import ControlNet as ControlNetModel
 
-from tiny import init_weights, tiny_flux, tiny_sd15, tiny_sdxl
+from tiny import init_weights, tiny_lumina2, tiny_sd15, tiny_sdxl
 
 from comfyui_freespeed.nodes.encoder_propagation import (EncoderPropagation, EncoderPropagationConfig,
-                                                          EncoderPropagationNode, apply_encoder_propagation,
-                                                          decoder_pass)
-from comfyui_freespeed.nodes.hooks import LAST_STATS, UnsupportedModelError, detect_model
+                                                          EncoderPropagationNode, apply_encoder_propagation)
+from comfyui_freespeed.nodes.hooks import LAST_STATS, find
+from comfyui_freespeed.nodes.sites import UnsupportedModelError, detect_model
 from comfyui_freespeed.nodes.todo import ToDoConfig, apply_todo
 
 H = W = 16
@@ -34,8 +34,7 @@ def sdxl():
 
 
 def technique(model) -> EncoderPropagation:
-    p = model.model_options["transformer_options"]["patches"]["output_block_patch"][0]
-    return p.__self__
+    return find(model, EncoderPropagation.key)
 
 
 def run(model, tiny, steps=10, sampler="euler", scheduler="normal", cfg=5.0, seed=0, positive=None, negative=None,
@@ -93,13 +92,13 @@ class DecoderCheck(EncoderPropagation):
 
     diffs: list
 
-    def _key_forward(self, run, step, executor, x, timesteps, context, y, control, to, branches, per, kwargs):
+    def key_forward(self, run, step, executor, x, timesteps, context, y, control, to, branches, per, kwargs):
         captured_before = run.features.puts
-        out = super()._key_forward(run, step, executor, x, timesteps, context, y, control, to, branches, per, kwargs)
+        out = super().key_forward(run, step, executor, x, timesteps, context, y, control, to, branches, per, kwargs)
         if run.features.puts > captured_before:
             mid, skips, meta = run.features.lookup(branches, per, x.shape)
-            dec = decoder_pass(executor.class_obj, mid, skips, meta["tindex"], timesteps, context, y, dict(to),
-                               x.dtype, x.shape, kwargs)
+            dec = self.decode(executor.class_obj, mid, skips, meta["tindex"], timesteps, context, y, dict(to),
+                              x.dtype, x.shape, kwargs)
             self.diffs.append(float((dec - out).abs().max()))
         return out
 
@@ -141,9 +140,9 @@ def test_decoder_only_steps_use_the_schedule(sd15):
     calls = []
 
     class Spy(EncoderPropagation):
-        def _key_forward(self, run, step, *a, **k):
+        def key_forward(self, run, step, *a, **k):
             calls.append(("full", step))
-            return super()._key_forward(run, step, *a, **k)
+            return super().key_forward(run, step, *a, **k)
 
     m = sd15.model.clone()
     Spy(EncoderPropagationConfig("every_k", every_k=4, max_parallel=1), detect_model(sd15.model)).install(m)
@@ -387,8 +386,9 @@ def test_stacks_with_todo_in_both_orders(sd15):
     assert not torch.equal(out_a, ep_only)
     for m in (a, b):
         pats = m.model_options["transformer_options"]["patches"]
-        ep = pats["output_block_patch"][0].__self__
-        td = pats["attn1_patch"][-1].__self__
+        ep = find(m, "freespeed.encoder_propagation")
+        td = find(m, "freespeed.todo")
+        assert pats["output_block_patch"][0].__self__ is ep         # the capture patch runs first
         assert ep.last_stats["decoder_only_steps"] > 0
         # ToDo also acts inside decoder-only passes (level-1 self-attention of the output blocks)
         assert td.last_stats["downsampled_calls"] > ep.last_stats["key_steps"] * 2
@@ -413,9 +413,9 @@ def test_second_node_replaces_the_first(sd15):
 
 
 def test_unsupported_model_names_its_class():
-    flux = tiny_flux()
-    with pytest.raises(UnsupportedModelError, match=r"comfy\.model_base\.Flux"):
-        apply_encoder_propagation(flux.model, PAPER)
+    # DiTs propagate their front blocks since the DiT wave (tests/host/test_dit_encoder_propagation.py)
+    with pytest.raises(UnsupportedModelError, match=r"comfy\.model_base\.Lumina2"):
+        apply_encoder_propagation(tiny_lumina2().model, PAPER)
 
 
 def test_v3_node_schema_and_execute(sd15):
@@ -425,7 +425,7 @@ def test_v3_node_schema_and_execute(sd15):
     assert schema.display_name == "FreeSpeed Encoder Propagation"
     names = [i.id for i in schema.inputs]
     assert names == ["model", "schedule", "every_k", "key_percents", "max_parallel_steps", "noise_injection",
-                     "injection_start", "controlnet"]
+                     "injection_start", "controlnet", "dit_front_blocks"]
     node = EncoderPropagationNode.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "77"})
     out = node.execute(sd15.model, "custom percents", 4, "0, 30%, 60", 2, 0.003, 0.5, "skip")
     m = out.result[0]

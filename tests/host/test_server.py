@@ -148,6 +148,14 @@ def test_extensions_endpoint_lists_the_pack_web_files(server):
         assert got.status_code == 200 and got.content, f"GET {url}: {got.status_code}{server.log_tail()}"
 
 
+def test_schedule_preview_route_answers_from_the_python_schedules(server):
+    r = server.post("/freespeed/preview", json={"type": "FreeSpeedTGate", "widgets": {"gate": 0.7}, "steps": 10})
+    assert r.status_code == 200, f"{r.status_code} {r.text[:500]}{server.log_tail()}"
+    body = r.json()
+    assert body["text"].startswith("gate at step 7/10") and body["segments"][-1]["kind"] == "active"
+    assert server.post("/freespeed/preview", data="not json").json() == {"segments": [], "text": ""}
+
+
 def test_invalid_prompt_is_rejected_naming_the_input(server):
     r = server.post("/prompt", json={"prompt": build_prompt(todo_inputs(0.5)), "client_id": "freespeed-test"})
     assert r.status_code == 400, f"{r.status_code} {r.text[:1000]}{server.log_tail()}"

@@ -53,7 +53,14 @@ NAMES = [os.path.splitext(os.path.basename(p))[0] for p in WORKFLOWS]
 # nodes the frontend defines itself (no Python class): notes, reroutes, primitive widgets
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 # combo inputs whose options are the user's model files: any file name with a model extension is valid
-FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"): (".safetensors", ".ckpt", ".pt", ".pth", ".sft")}
+MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".sft", ".gguf")
+FILE_COMBOS = {(t, n): MODEL_EXTS for t, n in (
+    ("CheckpointLoaderSimple", "ckpt_name"), ("UNETLoader", "unet_name"), ("VAELoader", "vae_name"),
+    ("CLIPLoader", "clip_name"), ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2"),
+    ("TripleCLIPLoader", "clip_name1"), ("TripleCLIPLoader", "clip_name2"), ("TripleCLIPLoader", "clip_name3"))}
+# the model folder each loader's file combo lists (API validation: the workflow's names are added to it)
+FILE_FOLDERS = {"unet_name": "diffusion_models", "vae_name": "vae", "clip_name": "text_encoders",
+                "clip_name1": "text_encoders", "clip_name2": "text_encoders", "clip_name3": "text_encoders"}
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # FreeSpeed nodes that may exist without a workflow yet (node id -> why); anything else must have one
@@ -63,6 +70,17 @@ KNOWN_GAPS: dict[str, str] = {}
 # the resolutions where ToDo pays off, and it leaves T-GATE's cross-attention to T-GATE anyway)
 STACKABLE = ("FreeSpeedToDo", "FreeSpeedEncoderPropagation", "FreeSpeedTGate")
 FAMILIES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+# DiT families (issues 15-16): every technique node has a Flux, an SD3.5 and a Wan workflow
+DIT_FAMILIES = {"flux": "Flux", "sd35": "SD3.5", "wan": "Wan"}
+DIT_NODES = ("FreeSpeedToDo", "FreeSpeedTGate", "FreeSpeedEncoderPropagation", "FreeSpeedATEDM",
+             "FreeSpeedAttentionMapReuse")
+# (loader, its file input, what the file name holds) and the latent node of each family's workflows
+RECOMMENDED = {"sd15": ("CheckpointLoaderSimple", "v1-5"), "sdxl": ("CheckpointLoaderSimple", "sd_xl_base"),
+               "flux": ("UNETLoader", "flux1-dev"), "sd35": ("CheckpointLoaderSimple", "sd3.5"),
+               "wan": ("UNETLoader", "wan2.1_t2v")}
+LATENTS = {"sd15": ("EmptyLatentImage", 512), "sdxl": ("EmptyLatentImage", 1024), "flux": ("EmptySD3LatentImage", 1024),
+           "sd35": ("EmptySD3LatentImage", 1024), "wan": ("EmptyHunyuanLatentVideo", 480)}
+SAVERS = ("SaveImage", "SaveAnimatedWEBP")
 STACKED = "freespeed_max_speed_sd15"
 
 
@@ -181,7 +199,7 @@ def tiny_api(prompt: dict, steps: int) -> dict:
 def test_workflows_exist():
     assert WORKFLOWS, f"no workflows in {WORKFLOWS_DIR}"
     for name in NAMES:
-        assert name.startswith("freespeed_") and name.endswith(tuple(f"_{k}" for k in FAMILIES)), name
+        assert name.startswith("freespeed_") and name.endswith(tuple(f"_{k}" for k in {**FAMILIES, **DIT_FAMILIES})), name
 
 
 def test_ui_to_api_maps_widgets_by_schema_order_and_skips_control_values(host):
@@ -288,13 +306,22 @@ def test_links_join_matching_types(host, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_api_format_passes_host_validation(host, name):
+def test_api_format_passes_host_validation(host, name, monkeypatch):
     prompt = with_ckpt(ui_to_api(load(os.path.join(WORKFLOWS_DIR, name + ".json"))))
+    # the DiT loaders list the user's model files: the workflow's file names are "installed" for validation
+    files: dict = {}
+    for node in prompt.values():
+        for inp, folder in FILE_FOLDERS.items():
+            if isinstance(node["inputs"].get(inp), str):
+                files.setdefault(folder, set()).add(node["inputs"][inp])
+    listing = folder_paths.get_filename_list
+    monkeypatch.setattr(folder_paths, "get_filename_list",
+                        lambda folder: sorted(set(listing(folder)) | files.get(folder, set())))
     ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(f"freespeed-wf-{name}", prompt, None))
     assert ok, f"{name}: {err} {node_errors}"
     out_nodes = [k for k, v in prompt.items() if getattr(node_class(v["class_type"]), "OUTPUT_NODE", False)]
     assert sorted(outputs) == sorted(out_nodes) and out_nodes, (outputs, out_nodes)
-    assert any(prompt[k]["class_type"] == "SaveImage" for k in outputs), outputs
+    assert any(prompt[k]["class_type"] in SAVERS for k in outputs), outputs
 
 
 def test_every_freespeed_node_has_sd15_and_sdxl_workflows(host):
@@ -318,6 +345,8 @@ def test_every_freespeed_node_has_sd15_and_sdxl_workflows(host):
     assert not missing, f"FreeSpeed nodes without an SD1.5 and an SDXL workflow: {missing}"
     if gaps:
         print(f"known workflow gaps: {gaps}")
+    for nid in DIT_NODES:    # the DiT families: a Flux, an SD3.5 and a Wan workflow per technique node
+        assert used.get(nid, set()) >= set(DIT_FAMILIES), (nid, sorted(used.get(nid, set())))
     for fam in FAMILIES:     # the stacked workflows hold every stackable technique
         stacked = [n["type"] for n in load(os.path.join(WORKFLOWS_DIR, f"freespeed_max_speed_{fam}.json"))["nodes"]
                    if n["type"].startswith("FreeSpeed")]
@@ -328,15 +357,16 @@ def test_every_freespeed_node_has_sd15_and_sdxl_workflows(host):
 def test_workflow_uses_its_models_recommended_checkpoint(name):
     wf = load(os.path.join(WORKFLOWS_DIR, name + ".json"))
     fam = name.rsplit("_", 1)[1]
-    (ck,) = [n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple"]
-    want = {"sd15": "v1-5", "sdxl": "sd_xl_base"}[fam]
+    loader, want = RECOMMENDED[fam]
+    (ck,) = [n for n in wf["nodes"] if n["type"] == loader]
     assert want in ck["widgets_values"][0], (name, ck["widgets_values"])
     by_id = {n["id"]: n for n in wf["nodes"]}
     (ks,) = [n for n in wf["nodes"] if n["type"] == "KSampler"]
     lat_link = next(i["link"] for i in ks["inputs"] if i["name"] == "latent_image")
     lat = by_id[next(ln for ln in wf["links"] if ln[0] == lat_link)[1]]
-    assert lat["type"] == "EmptyLatentImage", lat["type"]
-    assert min(lat["widgets_values"][:2]) >= {"sd15": 512, "sdxl": 1024}[fam], lat["widgets_values"]
+    lat_type, side = LATENTS[fam]
+    assert lat["type"] == lat_type, lat["type"]
+    assert min(lat["widgets_values"][:2]) >= side, lat["widgets_values"]
     assert any(n["type"] == "Note" and n["widgets_values"][0] for n in wf["nodes"]), "no settings note"
 
 
