@@ -115,6 +115,9 @@ def notes(doc: dict) -> list[str]:
     n = list(doc.get("notes", []))
     if not doc["config"].get("fidelity_meaningful", True):
         n.append("fidelity columns not meaningful for random weights")
+    if doc["config"].get("rounds", 0) < 3:
+        n.append(f"only {doc['config'].get('rounds')} timing round(s): on a shared machine a verdict that rests on a "
+                 "few percent of speed can turn; use --repeats 3 (or a larger --budget) before trusting one")
     if not any(r.get("peak_mem_mb") is not None for r in doc["rows"]):
         n.append("peak memory is measured on CUDA only")
     n.append("ratio = baseline median / row median, same interleaved rounds (in brackets: the range of the "

@@ -129,6 +129,9 @@ def test_suite_document_rows_and_files(t15, tmp_path):
     assert Image.open(tmp_path / "suite.png").size == (900, 600)
     text = suite_report.terminal(doc)
     assert "FreeSpeed T-GATE" in text and "vs fewer steps" in text and "on closeness" in text
+    assert "only 2 timing round(s)" in text                       # fewer than 3 rounds: the caveat is printed
+    doc["config"]["rounds"] = 3
+    assert "timing round(s)" not in suite_report.terminal(doc)
 
 
 def test_suite_reports_a_refusing_row_instead_of_crashing(t15, monkeypatch):
