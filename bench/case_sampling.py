@@ -32,6 +32,7 @@ import time
 from typing import Any, Optional
 
 from . import host, timing
+from .report import emit_json
 
 
 def parse_settings(pairs) -> dict[str, Any]:
@@ -251,12 +252,7 @@ def main(argv: Optional[list] = None) -> int:
                              sampler=a.sampler, scheduler=a.scheduler, attention=a.attention, device=a.device,
                              max_parallel=a.max_parallel, batch=a.batch, settings=settings,
                              log=lambda m: print(m, file=sys.stderr, flush=True), frames=a.frames)
-    text = json.dumps(res, indent=1, default=str)
-    print(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit_json(res, a.json)
 
 
 if __name__ == "__main__":

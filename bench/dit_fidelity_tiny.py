@@ -6,12 +6,12 @@ Usage: ``python -m bench.dit_fidelity_tiny [--json PATH]`` (CPU, a minute)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
 from . import host
+from .report import emit_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,12 +53,7 @@ def main(argv=None) -> int:
                 row[name] = psnr(sample(apply(t.model), t, 16, 16, steps=a.steps, cfg=cfg), base)
             res[f"{fam} cfg {cfg:g}"] = row
             print(fam, cfg, row, file=sys.stderr, flush=True)
-    text = json.dumps({"steps": a.steps, "psnr_db_vs_unpatched": res}, indent=1)
-    print(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit_json({"steps": a.steps, "psnr_db_vs_unpatched": res}, a.json)
 
 
 if __name__ == "__main__":

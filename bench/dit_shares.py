@@ -16,6 +16,7 @@ import math
 import sys
 
 from . import host
+from .report import emit_json
 
 # full model -> (comfy.supported_models class, the unet_config ComfyUI's detection builds, text tokens, joint?)
 def models() -> dict:
@@ -123,12 +124,7 @@ def main(argv=None) -> int:
             row["rope_avg_pool_retention_f2"] = rope_retention(*ROPE[name])
         res[name] = row
         print(name, json.dumps(row), file=sys.stderr, flush=True)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit_json(res, a.json)
 
 
 if __name__ == "__main__":

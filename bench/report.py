@@ -98,6 +98,17 @@ def to_json(doc: dict) -> str:
     return json.dumps(_clean(doc), indent=2)
 
 
+def emit_json(doc, path: Optional[str] = None) -> int:
+    """What the small measurement CLIs end with: the document as JSON on stdout and, given ``path``, in
+    that file too; returns the exit status (0)."""
+    text = json.dumps(doc, indent=1, default=str)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def write(doc: dict, json_path: Optional[str], md_path: Optional[str]) -> list[str]:
     """Write the JSON and markdown files (parent folders created); returns the paths written."""
     written = []

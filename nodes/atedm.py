@@ -210,17 +210,13 @@ def apply_atedm(model, config: ATEDMConfig, node_id: Optional[str] = None):
     info = detect_model(model)
     if info.family in DIT_FAMILIES:
         from .atedm_dit import ATEDMDiT
-        m = model.clone()
-        ATEDMDiT(config, info, node_id).install(m)
-        return m
+        return ATEDMDiT(config, info, node_id).patched_clone(model)
     if not info.is_unet:
         raise unsupported("AT-EDM", info, "AT-EDM prunes the image tokens inside UNet transformer stacks or a known "
                                           "DiT's blocks and needs to know which tokens are image tokens.",
                           "SD1.x/SD2.x, SDXL, Flux/Chroma, SD3, Wan, Qwen-Image, PixArt")
     stacks = transformer_stacks(model, info, tuple(config.levels))
-    m = model.clone()
-    ATEDM(config, info, stacks, node_id).install(m)
-    return m
+    return ATEDM(config, info, stacks, node_id).patched_clone(model)
 
 
 class ATEDMNode(FreeSpeedNode):

@@ -289,9 +289,7 @@ def apply_encoder_propagation(model, config: EncoderPropagationConfig, node_id: 
     info = detect_model(model)
     if info.family in DIT_FAMILIES:
         from .encprop_dit import EncPropDiT
-        m = model.clone()
-        EncPropDiT(config, info, node_id).install(m)
-        return m
+        return EncPropDiT(config, info, node_id).patched_clone(model)
     if not info.is_unet:
         raise unsupported("Encoder Propagation", info, "Encoder propagation reuses the encoder of a UNet (or the front "
                                                        "blocks of a known DiT) between steps; this model is neither.",
@@ -299,9 +297,7 @@ def apply_encoder_propagation(model, config: EncoderPropagationConfig, node_id: 
     dm = model.model.diffusion_model
     if not all(hasattr(dm, a) for a in ("input_blocks", "output_blocks", "time_embed", "out")):
         raise ValueError(f"FreeSpeed Encoder Propagation: {info.model_class} has an unexpected UNet layout")
-    m = model.clone()
-    EncoderPropagation(config, info, node_id).install(m)
-    return m
+    return EncoderPropagation(config, info, node_id).patched_clone(model)
 
 
 class EncoderPropagationNode(FreeSpeedNode):

@@ -139,6 +139,12 @@ class Technique(Generic[RunT]):
         return executor(*args, **kwargs)
 
     # -- installation -----------------------------------------------------------------------------
+    def patched_clone(self, model):
+        """A clone of ``model`` with this technique installed (the input MODEL is never modified)."""
+        m = model.clone()
+        self.install(m)
+        return m
+
     def install(self, model) -> None:
         """Add the run wrappers to a (cloned) ModelPatcher; subclasses add their hooks after this."""
         model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, self.key, self._outer_sample)

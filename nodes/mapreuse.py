@@ -87,13 +87,14 @@ class MapReuse(Technique[MapReuseRun]):
     def install(self, model) -> None:
         super().install(model)
         dm = model.model.diffusion_model
-        for site in attention_sites(model, self.info):
-            if not self.config.wants(site):
-                continue
-            module = dm.get_submodule(site.path)
-            # a forward another node patched (T-GATE) is left to it: it may skip the layer altogether
-            if patch_forward(model, site.path, lambda orig, s=site, m=module: self._forward(s, m, orig),
-                             leave_patched=True):
+        self.patch_sites(model, [s for s in attention_sites(model, self.info) if self.config.wants(s)],
+                         lambda s, orig: self._forward(s, dm.get_submodule(s.path), orig))
+
+    def patch_sites(self, model, sites: list, make) -> None:
+        """Object-patch each site's forward with ``make(site, orig)``; a forward another node patched
+        (T-GATE) is left to it, since it may skip the layer altogether: counted, logged once."""
+        for site in sites:
+            if patch_forward(model, site.path, lambda orig, s=site: make(s, orig), leave_patched=True):
                 self.sites.append(site)
             else:
                 self.foreign.append(site.path)
@@ -214,13 +215,10 @@ def apply_mapreuse(model, config: MapReuseConfig, node_id: Optional[str] = None)
         raise unsupported("Attention Map Reuse", info,
                           "Map reuse needs the attention layers of UNet transformer blocks or the blocks of a known DiT.",
                           "SD1.x/SD2.x, SDXL (maps); Flux/Chroma, SD3, Wan, Qwen-Image, PixArt (attention outputs)")
-    m = model.clone()
     if info.is_unet:
-        MapReuse(config, info, node_id).install(m)
-    else:
-        from .mapreuse_dit import MapReuseDiT
-        MapReuseDiT(config, info, node_id).install(m)
-    return m
+        return MapReuse(config, info, node_id).patched_clone(model)
+    from .mapreuse_dit import MapReuseDiT
+    return MapReuseDiT(config, info, node_id).patched_clone(model)
 
 
 def find_mapreuse(model) -> Optional[MapReuse]:

@@ -22,9 +22,8 @@ from ..core.mapreuse import KEEP, ORIGINAL, REUSE
 import comfy.patcher_extension as pe
 
 from .dit import apply_args, block_of, parse_attention, tag_blocks
-from .hooks import logger
 from .mapreuse import MapReuse, MapReuseRun
-from .sites import add_attention_override, attention_sites, patch_forward
+from .sites import add_attention_override, attention_sites
 
 
 def output_key(block, branch, uuid, n_q: int, n_k: int) -> tuple:
@@ -38,17 +37,8 @@ class MapReuseDiT(MapReuse):
         super(MapReuse, self).install(model)             # the run wrappers only
         if self.info.family == "pixart":
             model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
-            for site in attention_sites(model, self.info):
-                if not self.config.wants_dit(site.kind):
-                    continue
-                if patch_forward(model, site.path, lambda orig, s=site: self._module_forward(s, orig),
-                                 leave_patched=True):
-                    self.sites.append(site)
-                else:
-                    self.foreign.append(site.path)
-            if self.foreign:
-                logger.info("FreeSpeed %s: %d attention modules are already patched by another node (e.g. T-GATE) "
-                            "and are left to it", self.name, len(self.foreign))
+            self.patch_sites(model, [s for s in attention_sites(model, self.info) if self.config.wants_dit(s.kind)],
+                             self._module_forward)
             return
         self.sites = [s for s in tag_blocks(model, self.info) if s.replace_key is not None]
         add_attention_override(model, self._override)

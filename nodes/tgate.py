@@ -291,17 +291,13 @@ def apply_tgate(model, config: TGateConfig, node_id: Optional[str] = None):
     info = detect_model(model)
     if info.family in JOINT_FAMILIES:
         from .tgate_dit import TGateJoint
-        m = model.clone()
-        TGateJoint(config, info, node_id).install(m)
-        return m
+        return TGateJoint(config, info, node_id).patched_clone(model)
     sites = attention_sites(model, info)
     if not any(s.kind == "cross" for s in sites):
         raise unsupported("T-GATE", info, "T-GATE caches cross-attention (or, on joint-attention DiTs, the text "
                                           "stream); no cross-attention layer and no known text stream was found in it.",
                           SUPPORTED)
-    m = model.clone()
-    TGate(config, info, sites, node_id).install(m)
-    return m
+    return TGate(config, info, sites, node_id).patched_clone(model)
 
 
 class TGateNode(FreeSpeedNode):

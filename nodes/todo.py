@@ -141,13 +141,10 @@ def apply_todo(model, config: ToDoConfig, node_id: Optional[str] = None):
         raise unsupported("ToDo", info, "ToDo needs to know which attention tokens form the image's 2-D grid; this "
                                         "model's token layout is not known to FreeSpeed.",
                           "SD1.x/SD2.x, SDXL, Flux/Chroma, SD3, Wan, Qwen-Image, PixArt")
-    m = model.clone()
     if info.is_unet:
-        ToDo(config, info, node_id).install(m)
-    else:
-        from .todo_dit import ToDoDiT
-        ToDoDiT(config, info, node_id).install(m)
-    return m
+        return ToDo(config, info, node_id).patched_clone(model)
+    from .todo_dit import ToDoDiT
+    return ToDoDiT(config, info, node_id).patched_clone(model)
 
 
 class ToDoNode(FreeSpeedNode):

@@ -23,3 +23,16 @@ def sd15():
 @pytest.fixture(scope="module")
 def sdxl():
     return tiny_sdxl(qk_std=0.3)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """A temporary ComfyUI ``loras`` folder (for ``LoraLoaderModelOnly``), removed from the search paths after."""
+    import folder_paths
+    d = str(tmp_path_factory.mktemp("loras"))
+    saved = folder_paths.folder_names_and_paths.get("loras")
+    saved = (list(saved[0]), set(saved[1])) if saved else None
+    folder_paths.add_model_folder_path("loras", d)
+    yield d
+    if saved is not None:
+        folder_paths.folder_names_and_paths["loras"] = saved

@@ -13,7 +13,6 @@ import types
 import pytest
 import torch
 
-import folder_paths
 import nodes as comfy_nodes
 
 import compat_harness as H
@@ -40,17 +39,6 @@ def flux():
 @pytest.fixture(scope="module")
 def sd3():
     return tiny_sd3_deep()
-
-
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("dit_loras"))
-    saved = folder_paths.folder_names_and_paths.get("loras")
-    saved = (list(saved[0]), set(saved[1])) if saved else None
-    folder_paths.add_model_folder_path("loras", d)
-    yield d
-    if saved is not None:
-        folder_paths.folder_names_and_paths["loras"] = saved
 
 
 def run_on(tiny: Tiny, **kw):

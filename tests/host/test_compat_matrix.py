@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import comfy.model_management as mm
-import folder_paths
 import nodes as comfy_nodes
 
 import compat_harness as H
@@ -35,17 +34,6 @@ def _record():
     yield
     H.RECORDER.flush()
     H.MEMO.clear()
-
-
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("loras"))
-    saved = folder_paths.folder_names_and_paths.get("loras")
-    saved = (list(saved[0]), set(saved[1])) if saved else None
-    folder_paths.add_model_folder_path("loras", d)
-    yield d
-    if saved is not None:
-        folder_paths.folder_names_and_paths["loras"] = saved
 
 
 class Ctx:
