@@ -1,8 +1,11 @@
 """Output hashes of every FreeSpeed node at its defaults: run before and after a refactor that must not
 change behaviour, and compare (``python tests/host/output_hashes.py > before.json``, refactor, run
-again, ``diff``).  Models: the benchmark fixture (the first 4 samples of its bench set) and tiny SD1.5 /
-SDXL models with peaked attention; 20 euler steps, CFG 5.  The hash is SHA-256 of the sampled
-latent's bytes (float32, CPU), so any change in any element shows.
+again, ``diff``).  Models: the benchmark fixture (the first 4 samples of its bench set), tiny SD1.5 /
+SDXL models with peaked attention (20 euler steps, CFG 5) and the tiny DiTs of ``dit_helpers`` (Flux, SD3,
+Wan, Qwen-Image, PixArt; 8 steps, CFG 4).  Every technique of ``core.techniques`` at its node's defaults
+(plus a few variants and a stack), and the Map Reuse Search node's search (its percents and the sample of
+the MODEL it returns).  The hash is SHA-256 of the sampled latent's bytes (float32, CPU), so any change in
+any element shows; a node that refuses a model records its error text instead.
 """
 from __future__ import annotations
 
@@ -26,25 +29,49 @@ import comfy.sample  # noqa: E402
 
 from tiny import sample, tiny_sd15, tiny_sdxl  # noqa: E402
 
-from comfyui_freespeed.nodes.atedm import ATEDMConfig, apply_atedm  # noqa: E402
-from comfyui_freespeed.nodes.encoder_propagation import EncoderPropagationConfig, apply_encoder_propagation  # noqa: E402
-from comfyui_freespeed.nodes.mapreuse import MapReuseConfig, apply_mapreuse  # noqa: E402
-from comfyui_freespeed.nodes.tgate import TGateConfig, apply_tgate  # noqa: E402
-from comfyui_freespeed.nodes.todo import ToDoConfig, apply_todo  # noqa: E402
+from comfyui_freespeed.core.schedule import parse_percent_list  # noqa: E402
+from comfyui_freespeed.core.techniques import TECHNIQUES as REGISTRY  # noqa: E402
+from comfyui_freespeed.nodes import registry  # noqa: E402
 
 STEPS, CFG = 20, 5.0
 
-TECHNIQUES = {
-    "baseline": lambda m: m.clone(),
-    "todo": lambda m: apply_todo(m, ToDoConfig()),
-    "tgate": lambda m: apply_tgate(m, TGateConfig()),
-    "tgate_self_attention": lambda m: apply_tgate(m, TGateConfig(self_attention=True)),
-    "encoder_propagation": lambda m: apply_encoder_propagation(m, EncoderPropagationConfig()),
-    "mapreuse": lambda m: apply_mapreuse(m, MapReuseConfig()),
-    "atedm": lambda m: apply_atedm(m, ATEDMConfig()),
-    "stacked": lambda m: apply_encoder_propagation(apply_tgate(apply_todo(m, ToDoConfig()), TGateConfig()),
-                                                   EncoderPropagationConfig()),
-}
+DIT_STEPS, DIT_CFG = 8, 4.0
+
+
+def _apply(key, **settings):
+    return lambda m: registry.apply(key, m, registry.config(key, **settings))
+
+
+TECHNIQUES = {"baseline": lambda m: m.clone()}
+TECHNIQUES.update({t.key: _apply(t.key) for t in REGISTRY})        # every node at its defaults
+TECHNIQUES.update({
+    "tgate_self_attention": _apply("tgate", self_attention=True),
+    "stacked": lambda m: registry.apply("encprop", registry.apply("tgate", registry.apply("todo", m))),
+})
+
+
+def search_module():
+    """The module of the Map Reuse Search node (found through the registry, wherever it lives)."""
+    cls = next(c for c in registry.node_classes() if c.__name__ == "MapReuseSearchNode")
+    return sys.modules[cls.__module__]
+
+
+def search_run(model, sample_fn) -> str:
+    """The search at budget 2 from the node's default layer settings: its percents and the sample of the
+    MODEL the node returns."""
+    mod = search_module()
+    base = registry.config("mapreuse", schedule="off")
+    res = mod.search(model, sample_fn, 2, base)
+    percents = tuple(parse_percent_list(res["percents"]))
+    m = registry.apply("mapreuse", model, registry.config("mapreuse", schedule="custom", percents=percents))
+    return f"{res['percents']}|{digest(sample_fn(m))}"
+
+
+def guarded(fn) -> str:
+    try:
+        return fn()
+    except Exception as e:            # a node refusing a model: its message is part of its behaviour
+        return f"error {type(e).__name__}: {e}"
 
 
 def digest(t: torch.Tensor) -> str:
@@ -54,8 +81,21 @@ def digest(t: torch.Tensor) -> str:
 def tiny_runs(name: str, tiny) -> dict:
     out = {}
     for tech, apply in TECHNIQUES.items():
-        m = apply(tiny.model)
-        out[tech] = digest(sample(m, tiny, steps=STEPS, cfg=CFG, seed=3, batch=2))
+        out[tech] = guarded(lambda: digest(sample(apply(tiny.model), tiny, steps=STEPS, cfg=CFG, seed=3, batch=2)))
+    out["mapreuse_search"] = guarded(lambda: search_run(
+        tiny.model, lambda m: sample(m, tiny, steps=6, cfg=CFG, seed=3, batch=1)))
+    return out
+
+
+def dit_runs(family: str) -> dict:
+    import dit_helpers
+    model = dit_helpers.tiny(family).model
+    out = {}
+    for tech, apply in TECHNIQUES.items():
+        out[tech] = guarded(lambda: digest(dit_helpers.run(apply(model), family, steps=DIT_STEPS, cfg=DIT_CFG,
+                                                            seed=3)))
+    out["mapreuse_search"] = guarded(lambda: search_run(
+        model, lambda m: dit_helpers.run(m, family, steps=6, cfg=DIT_CFG, seed=3)))
     return out
 
 
@@ -78,6 +118,8 @@ def fixture_runs() -> dict:
 
 def main() -> int:
     doc = {"sd15": tiny_runs("sd15", tiny_sd15(qk_std=0.3)), "sdxl": tiny_runs("sdxl", tiny_sdxl(qk_std=0.3))}
+    for family in ("flux", "sd3", "wan", "qwen", "pixart"):
+        doc[family] = dit_runs(family)
     try:
         doc["fixture"] = fixture_runs()
     except (ImportError, FileNotFoundError) as e:      # the fixture moved or is not trained
