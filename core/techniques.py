@@ -18,10 +18,11 @@ class Technique:
     name: str                 # stats["technique"], log prefix "FreeSpeed <name>"
     label: str                # shown in tables
     paper: str                # arXiv id
-    module: str               # nodes.<module> holds the config, apply function and node classes
+    module: str               # the package nodes.<module>: config.py, unet.py, dit.py, node.py (its __init__ exports
+                              # the config, apply function and node classes); the wrapper key is freespeed.<module>
     config: str               # frozen config dataclass (its defaults are the node's defaults)
     apply: str                # apply_x(model, config, node_id=None) -> patched clone
-    nodes: tuple              # node classes, "module.Class" under nodes/
+    nodes: tuple              # node classes, "package.module.Class" under nodes/
     stats: type               # core.stats dataclass of one run
     paper_sampling: dict = field(default_factory=dict)   # the paper's sampler settings (bench case CLI)
 
@@ -32,18 +33,19 @@ class Technique:
 
 TECHNIQUES: tuple[Technique, ...] = (
     Technique("todo", "ToDo", "FreeSpeed ToDo", "2402.13573", "todo", "ToDoConfig", "apply_todo",
-              ("todo.ToDoNode",), S.ToDoStats, dict(steps=20, cfg=7.0, sampler="euler", scheduler="normal")),
+              ("todo.node.ToDoNode",), S.ToDoStats, dict(steps=20, cfg=7.0, sampler="euler", scheduler="normal")),
     Technique("tgate", "T-GATE", "FreeSpeed T-GATE", "2404.02747", "tgate", "TGateConfig", "apply_tgate",
-              ("tgate.TGateNode",), S.TGateStats, dict(steps=25, cfg=7.0, sampler="euler", scheduler="normal")),
+              ("tgate.node.TGateNode",), S.TGateStats, dict(steps=25, cfg=7.0, sampler="euler", scheduler="normal")),
     Technique("encprop", "Encoder Propagation", "FreeSpeed Encoder Propagation", "2312.09608",
               "encoder_propagation", "EncoderPropagationConfig", "apply_encoder_propagation",
-              ("encoder_propagation.EncoderPropagationNode",), S.EncoderPropagationStats,
+              ("encoder_propagation.node.EncoderPropagationNode",), S.EncoderPropagationStats,
               dict(steps=50, cfg=7.5, sampler="ddim", scheduler="ddim_uniform")),
     Technique("mapreuse", "Attention Map Reuse", "FreeSpeed Attention Map Reuse", "2401.01008", "mapreuse",
-              "MapReuseConfig", "apply_mapreuse", ("mapreuse.MapReuseNode", "mapreuse_search.MapReuseSearchNode"), S.MapReuseStats,
+              "MapReuseConfig", "apply_mapreuse", ("mapreuse.node.MapReuseNode",
+              "mapreuse.search.MapReuseSearchNode"), S.MapReuseStats,
               dict(steps=20, cfg=7.0, sampler="euler", scheduler="normal")),
     Technique("atedm", "AT-EDM", "FreeSpeed AT-EDM", "2405.05252", "atedm", "ATEDMConfig", "apply_atedm",
-              ("atedm.ATEDMNode",), S.ATEDMStats, dict(steps=25, cfg=7.0, sampler="euler", scheduler="normal")),
+              ("atedm.node.ATEDMNode",), S.ATEDMStats, dict(steps=25, cfg=7.0, sampler="euler", scheduler="normal")),
 )
 
 BY_KEY = {t.key: t for t in TECHNIQUES}

@@ -34,7 +34,7 @@ def node_classes() -> list:
     out = []
     for t in TECHNIQUES:
         for spec in t.nodes:
-            mod, cls = spec.split(".")
+            mod, cls = spec.rsplit(".", 1)
             out.append(getattr(importlib.import_module(f".{mod}", __package__), cls))
     return out
 

@@ -3,12 +3,12 @@
 * model facts: :func:`detect_model` (family, UNet block levels and attention levels);
 * sites: :func:`attention_sites` (self/cross attention modules of UNet transformer blocks and
   PixArt blocks), :func:`transformer_stacks` (UNet ``SpatialTransformer`` stacks, AT-EDM),
-  :func:`block_sites` (DiT blocks: Flux double/single, SD3 joint, Wan, Qwen-Image, PixArt);
+  :func:`block_sites` (DiT blocks: Flux double/single, SD3 joint, Wan, Qwen-Image, PixArt; in ``sites_dit.py``);
 * hooks: :func:`patch_forward` (object patch of a ``forward`` attribute, chained to this clone's
   pending patch; one rule for "another node patched it", :func:`forward_is_patched`),
   :func:`with_attention_override` / :func:`add_attention_override` (the attention override chained
   to any override already set, e.g. a SageAttention patch), :func:`add_block_replace` (a ``dit``
-  block replace chained to an existing one).
+  block replace chained to an existing one; in ``sites_dit.py``).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..core.pruning import LayerShape, UNetInventory, stage_edges
+from .sites_dit import BlockSite, add_block_replace, block_sites, dit_block_shapes  # noqa: F401  (re-exported)
 
 # ------------------------------------------------------------------------------------------------
 # model family and block levels
@@ -240,82 +241,6 @@ def unet_inventory(model, pruned: set) -> UNetInventory:
 
 
 # ------------------------------------------------------------------------------------------------
-# DiT blocks
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BlockSite:
-    """One DiT block: ``kind`` ("double", "single", "joint", "block"), its index among blocks of that
-    kind, its path under ``diffusion_model`` and its ``patches_replace["dit"]`` key (None where the
-    model has no block replace: PixArt)."""
-    kind: str
-    index: int
-    path: str
-    replace_key: Optional[tuple]
-
-
-# family -> ((module list attribute, kind, dit replace name or None), ...), in forward order
-_DIT_BLOCKS = {
-    "flux": (("double_blocks", "double", "double_block"), ("single_blocks", "single", "single_block")),
-    "sd3": (("joint_blocks", "joint", "double_block"),),
-    "wan": (("blocks", "block", "double_block"),),
-    "qwen": (("transformer_blocks", "block", "double_block"),),
-    "pixart": (("blocks", "block", None),),
-}
-
-
-def block_sites(model, info: ModelInfo) -> list[BlockSite]:
-    dm = model.model.diffusion_model
-    out = []
-    for attr, kind, replace in _DIT_BLOCKS.get(info.family, ()):
-        for i, _ in enumerate(getattr(dm, attr, None) or ()):
-            out.append(BlockSite(kind, i, f"{attr}.{i}", (replace, i) if replace else None))
-    return out
-
-
-# per family: (prefix -> stream) rules for the linear weights of one block, first match wins; "mod" = per
-# sample (modulation), "ctx" = per context token of a separate cross-attention, "cat" = every token (Flux single)
-_DIT_STREAMS = {
-    ("flux", "double"): (("img_mod", "mod"), ("txt_mod", "mod"), ("img_", "img"), ("txt_", "txt")),
-    ("flux", "single"): (("modulation", "mod"), ("", "cat")),
-    ("sd3", "joint"): (("x_block.adaLN", "mod"), ("context_block.adaLN", "mod"), ("x_block.", "img"),
-                       ("context_block.", "txt")),
-    ("wan", "block"): (("cross_attn.k", "ctx"), ("cross_attn.v", "ctx"), ("", "img")),
-    ("qwen", "block"): (("img_mod", "mod"), ("txt_mod", "mod"), ("txt_", "txt"), ("attn.add_", "txt"),
-                        ("attn.to_add_out", "txt"), ("", "img")),
-    ("pixart", "block"): (("cross_attn.kv_linear", "ctx"), ("", "img")),
-}
-
-
-def dit_block_shapes(model, info: ModelInfo) -> dict:
-    """{(kind, index): core.pruning.DiTBlockShape} of every DiT block: its linear weights per stream (read off
-    the modules), hidden size and attentions (the FLOPs counter of AT-EDM and the bench's Amdahl figures)."""
-    from ..core.pruning import DiTBlockShape
-    dm = model.model.diffusion_model
-    out = {}
-    for site in block_sites(model, info):
-        rules = _DIT_STREAMS.get((info.family, site.kind))
-        if rules is None:
-            continue
-        block = dm.get_submodule(site.path)
-        w = {"img": 0, "txt": 0, "ctx": 0, "cat": 0, "mod": 0}
-        for name, m in block.named_modules():
-            if isinstance(m, torch.nn.Linear):
-                w[next(st for pre, st in rules if name.startswith(pre))] += int(m.weight.numel())
-        qkv = getattr(getattr(getattr(block, "x_block", None), "attn", None), "qkv", None)      # SD3
-        dim = hidden = int(getattr(block, "hidden_size", 0) or getattr(block, "dim", 0)
-                           or (qkv.in_features if qkv is not None else 0))
-        dual = int(getattr(getattr(block, "x_block", None), "x_block_self_attn", False))
-        if info.family in ("wan", "pixart"):
-            shape = DiTBlockShape(img=w["img"], ctx=w["ctx"], dim=hidden or dim, joint=False, image_self=1, cross=True)
-        elif site.kind == "single":
-            shape = DiTBlockShape(img=w["cat"], txt=w["cat"], dim=hidden or dim, joint=True)
-        else:
-            shape = DiTBlockShape(img=w["img"], txt=w["txt"], dim=hidden or dim, joint=True, image_self=dual)
-        out[(site.kind, site.index)] = shape
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # hooks
 # ------------------------------------------------------------------------------------------------
 def forward_is_patched(fn, module) -> bool:
@@ -362,20 +287,6 @@ def add_attention_override(model, mine: Callable) -> None:
     """Chain ``mine`` in front of the clone's attention override (model-wide)."""
     to = model.model_options.setdefault("transformer_options", {})
     to["optimized_attention_override"] = chain_attention_override(to.get("optimized_attention_override"), mine)
-
-
-def add_block_replace(model, site: BlockSite, mine: Callable) -> None:
-    """Install ``mine(args, extra)`` as the ``dit`` block replace of ``site``, chained: an existing
-    replace of that block becomes ``extra["original_block"]`` for ``mine``."""
-    if site.replace_key is None:
-        raise ValueError(f"{site.path} has no block replace hook")
-    name, index = site.replace_key
-    prev = (model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-            .get((name, index)))
-    def chained(args, extra):
-        orig = extra["original_block"]
-        return mine(args, {**extra, "original_block": lambda a: prev(a, {**extra, "original_block": orig})})
-    model.set_model_patch_replace(mine if prev is None else chained, "dit", name, index)
 
 
 __all__ = ["FAMILY_LABELS", "ModelInfo", "detect_model", "UnsupportedModelError", "unsupported", "require_unet",

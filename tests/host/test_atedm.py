@@ -8,7 +8,8 @@ from tiny import sample, technique_of, tiny_lumina2, tiny_sd15
 
 
 from comfyui_freespeed.core.pruning import kept_count, stage_edges
-from comfyui_freespeed.nodes.atedm import ATEDMConfig, ATEDMNode, apply_atedm, map_bytes
+from comfyui_freespeed.nodes.atedm import ATEDMConfig, ATEDMNode, apply_atedm
+from comfyui_freespeed.nodes.atedm.stack import map_bytes
 from comfyui_freespeed.nodes.hooks import LAST_STATS
 from comfyui_freespeed.nodes.sites import UnsupportedModelError
 from comfyui_freespeed.nodes.tgate import TGateConfig, apply_tgate
@@ -58,7 +59,7 @@ def test_ratio_zero_is_the_unpatched_model_exactly_with_the_same_kernels(which, 
 
 
 def test_kept_set_is_the_top_of_a_reference_gwpr_and_pruned_tokens_copy_their_most_similar(sdxl, monkeypatch):
-    from comfyui_freespeed.nodes import atedm_stack
+    from comfyui_freespeed.nodes.atedm import stack as atedm_stack
     m = apply_atedm(sdxl.model, ATEDMConfig(ratio=0.5, dsap_end=0.0))
     tech = technique(m)
     seen = []

@@ -12,7 +12,7 @@ from comfyui_freespeed.core.pruning import gather_tokens, kept_count, sampled_gw
 from comfyui_freespeed.core.tokens import Grid, TokenLayout
 from comfyui_freespeed.core.batch import BatchLayout
 from comfyui_freespeed.nodes.atedm import ATEDMConfig, apply_atedm
-from comfyui_freespeed.nodes.atedm_dit import ROW_STRIDE
+from comfyui_freespeed.nodes.atedm.dit import ROW_STRIDE
 from comfyui_freespeed.nodes.hooks import find
 from comfyui_freespeed.nodes.sites import add_block_replace, block_sites, detect_model
 

@@ -95,7 +95,7 @@ def test_cross_attention_switch_and_refresh():
 
 
 def test_search_node_runs_on_a_dit():
-    from comfyui_freespeed.nodes.mapreuse_search import MapReuseSearchNode
+    from comfyui_freespeed.nodes.mapreuse.search import MapReuseSearchNode
     t = tiny("qwen")
     out = MapReuseSearchNode.execute(t.model, t.cond(1), t.cond(2), {"samples": t.latent(16, 16)}, 0, 4, 4.0, "euler",
                                      "normal", 1)

@@ -25,7 +25,7 @@ from tiny import sample, tiny_lumina2
 from comfyui_freespeed.nodes.hooks import LAST_STATS
 from comfyui_freespeed.nodes.sites import UnsupportedModelError, detect_model
 from comfyui_freespeed.nodes.mapreuse import MapReuseConfig, MapReuseNode, apply_mapreuse, find_mapreuse
-from comfyui_freespeed.nodes.mapreuse_search import MapReuseSearchNode, search
+from comfyui_freespeed.nodes.mapreuse.search import MapReuseSearchNode, search
 from comfyui_freespeed.nodes.sites import attention_sites
 from comfyui_freespeed.nodes.tgate import TGateConfig, apply_tgate
 from comfyui_freespeed.nodes.todo import ToDoConfig, apply_todo

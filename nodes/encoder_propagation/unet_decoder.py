@@ -10,8 +10,8 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
-from ..core.propagation import repeat_batch
-from .hooks import logger
+from ...core.propagation import repeat_batch
+from ..hooks import logger
 
 
 class Capture:

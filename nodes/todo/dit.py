@@ -12,11 +12,12 @@ from typing import Optional
 
 import comfy.patcher_extension as pe
 
-from ..core.tokens import band_factor, downsample_tokens, kept_kv_tokens, kv_index
-from .dit import key_sequence_kind, layout_of, parse_attention, pixels, select_mask_columns, with_layout
-from .hooks import logger
-from .sites import add_attention_override, block_sites, forward_is_patched, patch_forward
-from .todo import ToDo, ToDoRun
+from ...core.tokens import band_factor, downsample_tokens, kept_kv_tokens, kv_index
+from ..dit import key_sequence_kind, layout_of, parse_attention, pixels, select_mask_columns, with_layout
+from ..hooks import logger
+from ..sites import add_attention_override, block_sites, forward_is_patched, patch_forward
+from .config import ToDoRun
+from .unet import ToDo
 
 
 class _KVCompressProxy:

@@ -21,13 +21,15 @@ import torch
 
 import comfy.patcher_extension as pe
 
-from ..core.batch import BatchLayout
-from ..core.pruning import (dit_block_flops, dit_ranking_flops, gather_rows, gather_tokens, kept_count,
-                            sampled_gwpr_scores, scatter_back, select_kept, similar_source, strided_rows)
-from .atedm import ATEDM, ATEDMRun
-from .dit import apply_args, block_order, parse_attention, sequence_kind, tagged_args, with_layout
-from .hooks import installed, logger
-from .sites import add_attention_override, add_block_replace, block_sites, dit_block_shapes, patch_forward
+from ...core.batch import BatchLayout
+from ...core.pruning import (dit_block_flops, dit_ranking_flops, gather_rows, gather_tokens, kept_count,
+    sampled_gwpr_scores, scatter_back, select_kept, similar_source, strided_rows)
+from ..dit import apply_args, block_order, parse_attention, sequence_kind, tagged_args, with_layout
+from ..hooks import installed, logger
+from ..sites import add_attention_override, add_block_replace, block_sites, dit_block_shapes, patch_forward
+from .config import ATEDMRun
+from .unet import ATEDM
+
 
 RANK = "freespeed.atedm.rank"
 ROW_STRIDE = 4            # sampled query rows: every 4th row and column of the grid (m ≈ N/16, at most 1024)

@@ -5,9 +5,10 @@ valid for that layer call only, the following layers on the kept tokens and ever
 before ``proj_out``.  Placement choices: docs/atedm.md."""
 from __future__ import annotations
 
-from ..core.attention import attention_with_mean_map
-from ..core.pruning import gather_tokens, gwpr_scores, recover_tokens, recovery_source, select_kept
-from .sites import forward_is_patched, with_attention_override
+from ...core.attention import attention_with_mean_map
+from ...core.pruning import gather_tokens, gwpr_scores, recover_tokens, recovery_source, select_kept
+from ..sites import forward_is_patched, with_attention_override
+
 
 CHUNK_BYTES = 512 * 2 ** 20          # scores of at most this many bytes per head chunk
 

@@ -5,83 +5,20 @@ several in one batch; prior noise injection in the second half.  Schedules and c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 import comfy.patcher_extension as pe
-from comfy_api.v0_0_2 import io
 
-from ..core.batch import BatchLayout
-from ..core.propagation import (PAPER_DIT_FRONT, PAPER_INJECTION, PAPER_INJECTION_START, SCHEDULE_LABELS, SCHEDULES,
-                                FeatureCache,
-                                Features, InjectionSteps, OutputCache, control_branches, injection_active,
-                                injection_delta, key_steps, plan_parallel, without_control)
-from ..core.schedule import parse_percent_list
-from ..core.stats import EncoderPropagationStats
-from .hooks import CATEGORY, Evaluation, FreeSpeedNode, Run, RunContext, Technique, logger
-from .sites import ModelInfo, detect_model, unsupported
-
-DIT_FAMILIES = ("flux", "sd3", "wan", "qwen", "pixart")
+from ...core.batch import BatchLayout
+from ...core.propagation import (Features, control_branches, injection_active, injection_delta, key_steps,
+    plan_parallel, without_control)
+from ...core.stats import EncoderPropagationStats
+from ..hooks import Evaluation, RunContext, Technique, logger
+from ..sites import ModelInfo
+from .config import EncPropRun, EncoderPropagationConfig
 from .unet_decoder import Capture, decode_steps, decoder_pass
-
-CONTROLNET_MODES = ("reuse", "skip")
-
-
-@dataclass(frozen=True)
-class EncoderPropagationConfig:
-    schedule: str = "50ls"                 # "50ls" | "every_k" | "custom"
-    every_k: int = 4
-    key_percents: tuple = ()               # custom schedule, fractions 0..1
-    max_parallel: int = 4                  # steps decoded in one batch (1 = sequential)
-    noise_injection: float = PAPER_INJECTION
-    injection_start: float = PAPER_INJECTION_START
-    controlnet: str = "reuse"              # "reuse" | "skip"
-    dit_front: float = PAPER_DIT_FRONT     # DiTs: the fraction of the blocks (forward order) that is the "encoder"
-
-    def __post_init__(self):
-        name = "FreeSpeed Encoder Propagation"
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{name}: unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
-        if self.schedule == "every_k" and self.every_k < 1:
-            raise ValueError(f"{name}: every k steps needs k >= 1")
-        if self.schedule == "custom" and not self.key_percents:
-            raise ValueError(f"{name}: the custom schedule needs at least one key percent")
-        if self.max_parallel < 1:
-            raise ValueError(f"{name}: max parallel steps must be >= 1")
-        if self.noise_injection < 0:
-            raise ValueError(f"{name}: noise injection must be >= 0 (0 = off)")
-        if not 0.0 < self.dit_front < 1.0:
-            raise ValueError(f"{name}: the DiT front fraction must be in (0, 1)")
-        if self.controlnet not in CONTROLNET_MODES:
-            raise ValueError(f"{name}: unknown ControlNet mode {self.controlnet!r}; expected one of "
-                             f"{', '.join(CONTROLNET_MODES)}")
-
-    @property
-    def schedule_label(self) -> str:
-        if self.schedule == "every_k":
-            return f"every {self.every_k} steps"
-        if self.schedule == "custom":
-            return "custom " + ", ".join(f"{100 * p:g}" for p in self.key_percents) + "%"
-        return "paper 50ls"
-
-
-@dataclass
-class EncPropRun(Run[EncoderPropagationStats]):
-    keys: set = field(default_factory=set)
-    neighbours_checked: bool = False
-    propagate: bool = False
-    features: FeatureCache = field(default_factory=FeatureCache)
-    outputs: OutputCache = field(default_factory=OutputCache)
-    captured: set = field(default_factory=set)          # (branch, step, evaluation): one capture per evaluation
-    full_steps: set = field(default_factory=set)        # steps that ran the whole UNet
-    decoder_steps: set = field(default_factory=set)     # steps served by a decoder-only pass
-    parallel_steps: set = field(default_factory=set)    # steps decoded ahead in a batch with an earlier step
-    largest_batch: int = 1
-    parallel_peak_bytes: int = 0
-    injection: InjectionSteps = field(default_factory=InjectionSteps)
-    z: Optional[torch.Tensor] = None
 
 
 class EncoderPropagation(Technique[EncPropRun]):
@@ -282,77 +219,3 @@ class EncoderPropagation(Technique[EncPropRun]):
 
 def _is_capture_patch(p) -> bool:
     return getattr(p, "__func__", None) is EncoderPropagation.output_block_patch
-
-
-def apply_encoder_propagation(model, config: EncoderPropagationConfig, node_id: Optional[str] = None):
-    """Clone ``model`` and install encoder propagation on the clone (the input MODEL is untouched)."""
-    info = detect_model(model)
-    if info.family in DIT_FAMILIES:
-        from .encprop_dit import EncPropDiT
-        return EncPropDiT(config, info, node_id).patched_clone(model)
-    if not info.is_unet:
-        raise unsupported("Encoder Propagation", info, "Encoder propagation reuses the encoder of a UNet (or the front "
-                                                       "blocks of a known DiT) between steps; this model is neither.",
-                          "SD1.x/SD2.x, SDXL; Flux/Chroma, SD3, Wan, Qwen-Image, PixArt (front blocks)")
-    dm = model.model.diffusion_model
-    if not all(hasattr(dm, a) for a in ("input_blocks", "output_blocks", "time_embed", "out")):
-        raise ValueError(f"FreeSpeed Encoder Propagation: {info.model_class} has an unexpected UNet layout")
-    return EncoderPropagation(config, info, node_id).patched_clone(model)
-
-
-class EncoderPropagationNode(FreeSpeedNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FreeSpeedEncoderPropagation",
-            display_name="FreeSpeed Encoder Propagation",
-            category=CATEGORY,
-            description=("Faster Diffusion (arXiv 2312.09608): the UNet encoder runs only at key steps; the other steps "
-                         "run the decoder on the key step's encoder features, several of them in one batch. "
-                         "SD1.x, SD2.x and SDXL. Paper: ~1.7x on SD1.5 (DDIM 50), ~2x with ControlNet. DiTs (Flux/"
-                         "Chroma, SD3, Wan, Qwen-Image, PixArt): the first blocks are the encoder; between key steps "
-                         "they are skipped and their key-step residual is added to the current input (no parallel "
-                         "passes: each step needs its own input). Paper's DiT: 18 of 28 blocks, -34% time."),
-            inputs=[
-                io.Model.Input("model"),
-                io.Combo.Input("schedule", options=list(SCHEDULE_LABELS), default="paper 50ls",
-                               tooltip="Which steps run the whole UNet (key steps). paper 50ls: the paper's DDIM-50 "
-                                       "key steps 0,1,2,3,5,10,15,25,35 as percents of denoising (0,2,4,6,10,20,30,50,"
-                                       "70%), so other step counts hit the same points. every k steps: steps 0, k, "
-                                       "2k... custom percents: the list below. The first step is always a key step."),
-                io.Int.Input("every_k", default=4, min=1, max=50,
-                             tooltip="For 'every k steps': a key step every k steps (1 = every step, nothing skipped)."),
-                io.String.Input("key_percents", default="0, 2, 4, 6, 10, 20, 30, 50, 70",
-                                tooltip="For 'custom percents': key steps as percents of denoising; each maps to the "
-                                        "first step of the run at or past it."),
-                io.Int.Input("max_parallel_steps", default=4, min=1, max=16,
-                             tooltip="How many decoder-only steps are decoded in one batch (1 = one at a time). "
-                                     "More is faster on a GPU with spare capacity and costs memory: the decoder's "
-                                     "activations grow with the batch (reported in the stats)."),
-                io.Float.Input("noise_injection", default=PAPER_INJECTION, min=0.0, max=0.1, step=0.001,
-                               tooltip="Prior noise injection: adds this multiple of the run's initial noise to the "
-                                       "latent at each step from 'injection_start' on (paper: 0.003 in the second "
-                                       "half), restoring texture. 0 = off."),
-                io.Float.Input("injection_start", default=PAPER_INJECTION_START, min=0.0, max=1.0, step=0.01,
-                               tooltip="Where noise injection starts, in percent of denoising (paper: 0.5)."),
-                io.Combo.Input("controlnet", options=list(CONTROLNET_MODES), default="reuse",
-                               tooltip="The ControlNet runs only at key steps. reuse: decoder-only steps keep the key "
-                                       "step's ControlNet residuals (as the official code does). skip: decoder-only "
-                                       "steps decode without ControlNet residuals."),
-                io.Float.Input("dit_front_blocks", default=round(PAPER_DIT_FRONT, 3), min=0.05, max=0.95, step=0.01,
-                               tooltip="DiTs only: the fraction of the blocks (in forward order; Flux: double then "
-                                       "single blocks) that form the propagated front (the paper's DiT: 18 of 28 = "
-                                       "0.643). More = faster and further from the full model."),
-            ],
-            outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
-        )
-
-    @classmethod
-    def execute(cls, model, schedule, every_k, key_percents, max_parallel_steps, noise_injection, injection_start,
-                controlnet, dit_front_blocks=PAPER_DIT_FRONT) -> io.NodeOutput:
-        mode = SCHEDULE_LABELS.get(schedule, schedule)
-        percents = tuple(parse_percent_list(key_percents)) if mode == "custom" else ()
-        config = EncoderPropagationConfig(mode, int(every_k), percents, int(max_parallel_steps), float(noise_injection),
-                                          float(injection_start), controlnet, float(dit_front_blocks))
-        return io.NodeOutput(apply_encoder_propagation(model, config, node_id=cls.node_id()))

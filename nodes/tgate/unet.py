@@ -4,66 +4,19 @@ in ``core/gating.py`` and ``core/cache.py``; design notes (hooks, branches, IP-A
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 import comfy.patcher_extension as pe
-from comfy_api.v0_0_2 import io
 
-from ..core.batch import BatchLayout, guider_roles
-from ..core.cache import BranchAccumulator, CacheStore
-from ..core.gating import CACHE, COMPUTE, REUSE, GatePlan, branch_mean, gate_actions
-from ..core.stats import TGateStats
-from .hooks import CATEGORY, FreeSpeedNode, Run, RunContext, Technique, logger
-from .sites import AttentionSite, ModelInfo, attention_sites, detect_model, patch_forward, unsupported
-
-COND, UNCOND = "cond", "uncond"
-JOINT_FAMILIES = ("flux", "sd3", "qwen")       # joint text-image attention: the text stream is frozen instead
-
-
-@dataclass(frozen=True)
-class TGateConfig:
-    gate: float = 0.4                  # percent of denoising where cross-attention is frozen
-    keep_cfg: bool = False             # True: keep evaluating the uncond branch after the gate
-    self_attention: bool = False       # T-GATE v2 self-attention caching before the gate
-    sa_warmup: int = 2
-    sa_interval: int = 5
-    cache_on_cpu: bool = False
-    cache_limit_mb: float = 0.0        # 0 = no limit (the cache holds one tensor per attention layer)
-
-    def __post_init__(self):
-        if not 0.0 <= self.gate <= 1.0:
-            raise ValueError("FreeSpeed T-GATE: gate must be in 0..1 (percent of denoising)")
-        if self.sa_warmup < 0 or self.sa_interval < 1:
-            raise ValueError("FreeSpeed T-GATE: self-attention warm-up must be >= 0 and interval >= 1")
-
-    @property
-    def off(self) -> bool:
-        return self.gate >= 1.0
-
-
-@dataclass(frozen=True)
-class Call:
-    """The decision for one batched model call (one APPLY_MODEL)."""
-    attn2: str
-    attn1: str
-    roles: tuple                       # COND/UNCOND/None per chunk
-    layout: BatchLayout
-    round_id: Optional[int]            # the evaluation index when this is its main pass
-
-
-@dataclass
-class TGateRun(Run[TGateStats]):
-    plan: Optional[GatePlan] = None
-    store: Optional[CacheStore] = None
-    attn2: Optional[BranchAccumulator] = None
-    batch: Optional[tuple] = None      # (round id or None, {cond index: role}) of the current calc_cond_batch
-    call: Optional[Call] = None
-    tokens: object = None              # joint-attention DiTs: the current call's token layout
-    left_alone: Optional[str] = None   # a guider with more than [positive, negative] (PerpNeg): run left unchanged
-    keep_uncond: Optional[bool] = None  # EasyCache present: the negative branch keeps being evaluated
+from ...core.batch import BatchLayout, guider_roles
+from ...core.cache import BranchAccumulator, CacheStore
+from ...core.gating import CACHE, COMPUTE, REUSE, GatePlan, branch_mean, gate_actions
+from ...core.stats import TGateStats
+from ..hooks import RunContext, Technique, logger
+from ..sites import AttentionSite, ModelInfo, patch_forward
+from .config import COND, Call, TGateConfig, TGateRun, UNCOND
 
 
 class TGate(Technique[TGateRun]):
@@ -172,7 +125,7 @@ class TGate(Technique[TGateRun]):
             run.call = prev
 
     def adjust_call(self, run: TGateRun, ctx: Call, to: dict, kwargs: dict) -> Call:
-        """The call's decision as this model can carry it out (joint-attention DiTs: ``nodes/tgate_dit.py``)."""
+        """The call's decision as this model can carry it out (joint-attention DiTs: ``nodes/tgate/dit.py``)."""
         return ctx
 
     # -- attn2 replace patches (IP-Adapter and the like) --------------------------------------------
@@ -279,68 +232,3 @@ class TGate(Technique[TGateRun]):
                    "on_cpu": self.config.cache_on_cpu}
         s.cache_peak_mb = round(st.peak_bytes / 2 ** 20, 2)
         store.clear()
-
-
-SUPPORTED = "SD1.x/SD2.x and SDXL UNets, PixArt, Wan (cross-attention); Flux/Chroma, SD3, Qwen-Image (text stream)"
-
-
-def apply_tgate(model, config: TGateConfig, node_id: Optional[str] = None):
-    """Clone ``model`` and install T-GATE on the clone (the input MODEL is never modified).  Models with a
-    separate cross-attention (UNets, PixArt, Wan) cache it; joint-attention DiTs (Flux/Chroma, SD3, Qwen-Image)
-    freeze their text stream after the gate (``nodes/tgate_dit.py``)."""
-    info = detect_model(model)
-    if info.family in JOINT_FAMILIES:
-        from .tgate_dit import TGateJoint
-        return TGateJoint(config, info, node_id).patched_clone(model)
-    sites = attention_sites(model, info)
-    if not any(s.kind == "cross" for s in sites):
-        raise unsupported("T-GATE", info, "T-GATE caches cross-attention (or, on joint-attention DiTs, the text "
-                                          "stream); no cross-attention layer and no known text stream was found in it.",
-                          SUPPORTED)
-    return TGate(config, info, sites, node_id).patched_clone(model)
-
-
-class TGateNode(FreeSpeedNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FreeSpeedTGate",
-            display_name="FreeSpeed T-GATE",
-            category=CATEGORY,
-            description=("T-GATE (arXiv 2404.02747): after the gate, cross-attention is replaced by its cached output "
-                         "(mean of the cond and uncond branches at the gate) and classifier-free guidance is dropped, "
-                         "so only the positive branch is evaluated. ~1.6x at 25 steps with the gate at 40%. "
-                         "SD1.x/SD2.x, SDXL, PixArt. IP-Adapter's contribution is frozen at the gate with the text."),
-            inputs=[
-                io.Model.Input("model"),
-                io.Float.Input("gate", default=0.4, min=0.0, max=1.0, step=0.01,
-                               tooltip="Where cross-attention is frozen, in percent of denoising (0.4 = step 10 of 25 "
-                                       "with the normal scheduler, the paper's default). 1.0 = off."),
-                io.Boolean.Input("keep_cfg", default=False,
-                                 tooltip="Keep evaluating the negative prompt after the gate. Off (default): CFG is "
-                                         "dropped after the gate, which gives most of the speed-up."),
-                io.Boolean.Input("self_attention", default=False,
-                                 tooltip="T-GATE v2: also cache self-attention before the gate, as the official code: "
-                                         "computed for the warm-up steps, cached at the warm-up step and at every step "
-                                         "whose index is a multiple of 'interval', reused in between. Can cost "
-                                         "quality."),
-                io.Int.Input("self_attention_warmup", default=2, min=0, max=1000,
-                             tooltip="Steps (of this run) before self-attention caching starts."),
-                io.Int.Input("self_attention_interval", default=5, min=1, max=1000,
-                             tooltip="Self-attention is recomputed and cached at steps whose index is a multiple of "
-                                     "this (1 = always computed)."),
-                io.Boolean.Input("cache_on_cpu", default=False,
-                                 tooltip="Keep the cached attention outputs in CPU memory (saves VRAM, costs a copy "
-                                         "per layer and step)."),
-            ],
-            outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
-        )
-
-    @classmethod
-    def execute(cls, model, gate, keep_cfg, self_attention=False, self_attention_warmup=2, self_attention_interval=5,
-                cache_on_cpu=False) -> io.NodeOutput:
-        config = TGateConfig(gate=float(gate), keep_cfg=bool(keep_cfg), self_attention=bool(self_attention),
-                             sa_warmup=int(self_attention_warmup), sa_interval=int(self_attention_interval),
-                             cache_on_cpu=bool(cache_on_cpu))
-        return io.NodeOutput(apply_tgate(model, config, node_id=cls.node_id()))

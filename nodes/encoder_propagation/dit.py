@@ -20,12 +20,13 @@ import torch
 
 import comfy.patcher_extension as pe
 
-from ..core.batch import BatchLayout
-from ..core.propagation import DeltaCache, front_blocks
-from .dit import apply_args
-from .encoder_propagation import EncoderPropagation, EncPropRun
-from .hooks import RunContext, Technique, installed, logger
-from .sites import BlockSite, add_block_replace, block_sites, patch_forward
+from ...core.batch import BatchLayout
+from ...core.propagation import DeltaCache, front_blocks
+from ..dit import apply_args
+from ..hooks import RunContext, Technique, installed, logger
+from ..sites import BlockSite, add_block_replace, block_sites, patch_forward
+from .config import EncPropRun
+from .unet import EncoderPropagation
 
 FULL, KEY, PROPAGATE = "full", "key", "propagate"
 

@@ -16,14 +16,15 @@ from typing import Optional
 
 import torch
 
-from ..core.batch import BatchLayout
-from ..core.cache import tensor_bytes
-from ..core.mapreuse import KEEP, ORIGINAL, REUSE
+from ...core.batch import BatchLayout
+from ...core.cache import tensor_bytes
+from ...core.mapreuse import KEEP, ORIGINAL, REUSE
 import comfy.patcher_extension as pe
 
-from .dit import apply_args, block_of, parse_attention, tag_blocks
-from .mapreuse import MapReuse, MapReuseRun
-from .sites import add_attention_override, attention_sites
+from ..dit import apply_args, block_of, parse_attention, tag_blocks
+from .unet import MapReuse
+from .config import MapReuseRun
+from ..sites import add_attention_override, attention_sites
 
 
 def output_key(block, branch, uuid, n_q: int, n_k: int) -> tuple:

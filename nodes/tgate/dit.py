@@ -4,7 +4,7 @@ cross-attention is a frozen *text stream*: at the cache step every block's text 
 queries attend to) are kept as the mean of the cond and uncond branches; after the gate each block runs its
 image stream with a one-token stand-in for the text stream, and the attention override puts the cached text
 keys/values back in front of the image keys/values.  The text tokens' projections, MLPs and query rows are
-skipped; CFG is dropped after the gate exactly as on UNets (``nodes/tgate.py``'s CALC_COND_BATCH).
+skipped; CFG is dropped after the gate exactly as on UNets (``nodes/tgate/``'s CALC_COND_BATCH).
 
 Hooks: a chained ``dit`` block replace per block (marks the call and strips the text stream) and the chained
 attention override (captures / swaps the text keys/values).  All-or-nothing per model call: a call where any
@@ -16,11 +16,13 @@ from typing import Optional
 
 import torch
 
-from ..core.gating import CACHE, COMPUTE, REUSE, branch_mean
-from .dit import block_of, layout_of, parse_attention, tagged_args, with_layout
-from .hooks import logger
-from .sites import ModelInfo, add_attention_override, add_block_replace, block_sites
-from .tgate import Call, TGate, TGateConfig, TGateRun
+from ...core.gating import CACHE, COMPUTE, REUSE, branch_mean
+from ..dit import block_of, layout_of, parse_attention, tagged_args, with_layout
+from ..hooks import logger
+from ..sites import ModelInfo, add_attention_override, add_block_replace, block_sites
+from .config import Call, TGateConfig, TGateRun
+from .unet import TGate
+
 
 MARK = "freespeed.tgate"
 

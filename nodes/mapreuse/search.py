@@ -9,10 +9,11 @@ import comfy.sample
 import comfy.samplers
 from comfy_api.v0_0_2 import io
 
-from ..core.mapreuse import distortion, search_schedule, steps_to_percents
-from ..core.schedule import parse_percent_list
-from .hooks import CATEGORY, FreeSpeedNode, logger, prepare_sampling
-from .mapreuse import MapReuseConfig, apply_mapreuse, find_mapreuse, layer_config, layer_inputs
+from ...core.mapreuse import distortion, search_schedule, steps_to_percents
+from ...core.schedule import parse_percent_list
+from ..hooks import CATEGORY, FreeSpeedNode, logger, prepare_sampling
+from .config import MapReuseConfig
+from .node import apply_mapreuse, find_mapreuse, layer_config, layer_inputs
 
 
 def search(model, sample_fn, budget: int, base: MapReuseConfig) -> dict:
