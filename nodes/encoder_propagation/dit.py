@@ -182,14 +182,8 @@ class EncPropDiT(EncoderPropagation):
 
     # -- stats -------------------------------------------------------------------------------------------
     def finish_stats(self, run: EncPropDiTRun) -> None:
-        s = run.stats
-        full = run.full_steps if run.propagate else set(run.steps_seen)
-        s.planned_key_steps = sorted(run.keys)
-        s.key_steps = len(full)
-        s.decoder_only_steps = len(run.decoder_steps - full)
+        s = self.schedule_stats(run)
         s.feature_cache_peak_mb = round(run.deltas.peak_bytes / 2 ** 20, 2)
-        s.injected_steps = len(run.injection.injected)
-        s.injection_into_predictor = run.injection.moved_from_predictor
         s.front_share = round(len(self.front) / self.total, 3) if self.total else 0.0
         run.deltas.clear()
 

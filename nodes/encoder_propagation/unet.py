@@ -202,19 +202,25 @@ class EncoderPropagation(Technique[EncPropRun]):
         run.largest_batch = max(run.largest_batch, len(plan))
         return outs
 
-    def finish_stats(self, run: EncPropRun) -> None:
+    def schedule_stats(self, run: EncPropRun):
+        """The run's stats with what the UNet and DiT paths share filled in: key and decoder-only steps, noise
+        injection."""
         s = run.stats
         full = run.full_steps if run.propagate else set(run.steps_seen)
         s.planned_key_steps = sorted(run.keys)
         s.key_steps = len(full)
         s.decoder_only_steps = len(run.decoder_steps - full)
+        s.injected_steps = len(run.injection.injected)
+        s.injection_into_predictor = run.injection.moved_from_predictor
+        return s
+
+    def finish_stats(self, run: EncPropRun) -> None:
+        s = self.schedule_stats(run)
         s.parallel_steps = len(run.parallel_steps & run.decoder_steps)
         s.largest_parallel_batch = run.largest_batch
         s.feature_cache_peak_mb = round(run.features.peak_bytes / 2 ** 20, 2)
         s.parallel_batch_peak_mb = round(run.parallel_peak_bytes / 2 ** 20, 2)
         s.parallel_outputs_peak_mb = round(run.outputs.peak_bytes / 2 ** 20, 2)
-        s.injected_steps = len(run.injection.injected)
-        s.injection_into_predictor = run.injection.moved_from_predictor
 
 
 def _is_capture_patch(p) -> bool:

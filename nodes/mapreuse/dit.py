@@ -83,9 +83,7 @@ class MapReuseDiT(MapReuse):
         tech = self
 
         def forward(x, *args, **kwargs):
-            run = tech.run
-            info = run.current if run is not None else None
-            act = run.plan.action(info.step, info.extra) if info is not None else ORIGINAL
+            run, act = tech.action()
             if act == ORIGINAL:
                 return orig(x, *args, **kwargs)
             n_k = args[0].shape[1] if args and torch.is_tensor(args[0]) else x.shape[1]    # cross: the text

@@ -57,14 +57,19 @@ class MapReuse(Technique[MapReuseRun]):
                            store=CacheStore(budget_bytes=int(cfg.cache_limit_mb * 2 ** 20), offload=cfg.cache_on_cpu))
 
     # -- the patched forward ----------------------------------------------------------------------
+    def action(self) -> tuple:
+        """(run, action) for a patched forward: the plan's action at the current step, ORIGINAL outside a
+        sampling step (UNet and DiT paths)."""
+        run = self.run
+        info = run.current if run is not None else None
+        return run, (run.plan.action(info.step, info.extra) if info is not None else ORIGINAL)
+
     def _forward(self, site: AttentionSite, module, orig):
         tech = self
         names = ("context", "value", "mask", "transformer_options")
 
         def forward(x, *args, **kwargs):
-            run = tech.run
-            info = run.current if run is not None else None
-            act = run.plan.action(info.step, info.extra) if info is not None else ORIGINAL
+            run, act = tech.action()
             if act == ORIGINAL:
                 return orig(x, *args, **kwargs)
             got = dict(zip(names, args))

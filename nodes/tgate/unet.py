@@ -168,15 +168,24 @@ class TGate(Technique[TGateRun]):
         run.attn2.add(site.key, ctx.round_id, parts)
 
     # -- patched forwards -------------------------------------------------------------------------
+    def _gated_call(self, attn: str) -> tuple:
+        """(run, call) of a patched ``attn`` ("attn1"/"attn2") forward; call is None where the forward just
+        computes (no run or call, or the call's action for ``attn`` is COMPUTE: counted as computed)."""
+        run = self.run
+        ctx = run.call if run is not None else None
+        if ctx is None or getattr(ctx, attn) == COMPUTE:
+            if run is not None:
+                name = f"{attn}_calls_computed"
+                setattr(run.stats, name, getattr(run.stats, name) + 1)
+            return run, None
+        return run, ctx
+
     def _cross_forward(self, site: AttentionSite, orig):
         tech = self
 
         def forward(x, *args, **kwargs):
-            run = tech.run
-            ctx = run.call if run is not None else None
-            if ctx is None or ctx.attn2 == COMPUTE:
-                if run is not None:
-                    run.stats.attn2_calls_computed += 1
+            run, ctx = tech._gated_call("attn2")
+            if ctx is None:
                 return orig(x, *args, **kwargs)
             st = run.stats
             if ctx.attn2 == REUSE:
@@ -202,11 +211,8 @@ class TGate(Technique[TGateRun]):
         tech = self
 
         def forward(x, *args, **kwargs):
-            run = tech.run
-            ctx = run.call if run is not None else None
-            if ctx is None or ctx.attn1 == COMPUTE:
-                if run is not None:
-                    run.stats.attn1_calls_computed += 1
+            run, ctx = tech._gated_call("attn1")
+            if ctx is None:
                 return orig(x, *args, **kwargs)
             key = ("attn1", site.key, ctx.layout.branches, tuple(x.shape))
             if ctx.attn1 == REUSE:
