@@ -8,6 +8,7 @@ from comfy_api.v0_0_2 import io
 from ..hooks import CATEGORY, FreeSpeedNode
 from ..sites import detect_model, transformer_stacks, unsupported
 from .config import ATEDMConfig, DIT_FAMILIES, LEVEL_CHOICES, RECOVERY
+from .dit import ATEDMDiT
 from .unet import ATEDM
 
 
@@ -15,7 +16,6 @@ def apply_atedm(model, config: ATEDMConfig, node_id: Optional[str] = None):
     """Clone ``model`` and install AT-EDM on the clone (the input MODEL is never modified)."""
     info = detect_model(model)
     if info.family in DIT_FAMILIES:
-        from .dit import ATEDMDiT
         return ATEDMDiT(config, info, node_id).patched_clone(model)
     if not info.is_unet:
         raise unsupported("AT-EDM", info, "AT-EDM prunes the image tokens inside UNet transformer stacks or a known "

@@ -10,6 +10,7 @@ from ...core.schedule import parse_percent_list
 from ..hooks import CATEGORY, FreeSpeedNode
 from ..sites import detect_model, unsupported
 from .config import CONTROLNET_MODES, DIT_FAMILIES, EncoderPropagationConfig
+from .dit import EncPropDiT
 from .unet import EncoderPropagation
 
 
@@ -17,7 +18,6 @@ def apply_encoder_propagation(model, config: EncoderPropagationConfig, node_id: 
     """Clone ``model`` and install encoder propagation on the clone (the input MODEL is untouched)."""
     info = detect_model(model)
     if info.family in DIT_FAMILIES:
-        from .dit import EncPropDiT
         return EncPropDiT(config, info, node_id).patched_clone(model)
     if not info.is_unet:
         raise unsupported("Encoder Propagation", info, "Encoder propagation reuses the encoder of a UNet (or the front "

@@ -8,6 +8,7 @@ from comfy_api.v0_0_2 import io
 from ..hooks import CATEGORY, FreeSpeedNode
 from ..sites import attention_sites, detect_model, unsupported
 from .config import JOINT_FAMILIES, TGateConfig
+from .dit import TGateJoint
 from .unet import TGate
 
 
@@ -20,7 +21,6 @@ def apply_tgate(model, config: TGateConfig, node_id: Optional[str] = None):
     freeze their text stream after the gate (``nodes/tgate/dit.py``)."""
     info = detect_model(model)
     if info.family in JOINT_FAMILIES:
-        from .dit import TGateJoint
         return TGateJoint(config, info, node_id).patched_clone(model)
     sites = attention_sites(model, info)
     if not any(s.kind == "cross" for s in sites):
