@@ -263,29 +263,30 @@ def match_fewer_steps(step_times: Mapping[int, float], target_s: float) -> Optio
 
 
 def compare_with_fewer_steps(rows: list[dict], metric: str = "psnr_db", verdict_key: str = "beats_fewer_steps",
-                             higher_is_better: bool = True, curve_kinds: tuple = ("fewer_steps", "baseline")) -> None:
+                             higher_is_better: bool = True, curve_kinds: tuple = CURVE_KINDS,
+                             cost_key: str = "median_s", match_key: str = "fewer_steps_match") -> None:
     """Add to every accelerated row (``kind`` not in ``curve_kinds``) the run of the curve it must
-    beat -- the largest step count not slower than it (``fewer_steps_match``) -- and whether its
-    ``metric`` is better (``verdict_key``: True/False; None when it is faster than every curve run;
-    False when the match is the full run itself).  Rows are dicts with ``kind``, ``steps``,
-    ``median_s`` and the metric; nothing is added without at least two curve runs."""
-    curve = [r for r in rows if r.get("kind") in curve_kinds and "median_s" in r]
+    beat -- the largest step count whose cost (``cost_key``: median seconds, or counted FLOPs) is not
+    above the row's (``match_key``) -- and whether its ``metric`` is better (``verdict_key``: True/False;
+    None when it is cheaper than every curve run; False when the match is the full run itself).  Rows
+    are dicts with ``kind``, ``steps``, the cost and the metric; nothing is added without at least two
+    curve runs."""
+    curve = [r for r in rows if r.get("kind") in curve_kinds and r.get(cost_key) is not None]
     if len(curve) < 2:
         return
     by_steps = {r["steps"]: r for r in curve}
     for r in rows:
-        if r.get("kind") in curve_kinds or "median_s" not in r:
+        if r.get("kind") in curve_kinds or r.get(cost_key) is None:
             continue
-        s = match_fewer_steps({k: v["median_s"] for k, v in by_steps.items()}, r["median_s"])
+        s = match_fewer_steps({k: v[cost_key] for k, v in by_steps.items()}, r[cost_key])
         if s is None:
-            r.setdefault("fewer_steps_match", None)
+            r.setdefault(match_key, None)
             r[verdict_key] = None
             continue
         m = by_steps[s]
-        match = dict(r.get("fewer_steps_match") or {})
-        match.update({"steps": s, "median_s": m["median_s"], metric: m.get(metric),
-                      "baseline": m["kind"] == "baseline"})
-        r["fewer_steps_match"] = match
+        match = dict(r.get(match_key) or {})
+        match.update({"steps": s, cost_key: m[cost_key], metric: m.get(metric), "baseline": m["kind"] == "baseline"})
+        r[match_key] = match
         mine, theirs = r.get(metric), m.get(metric)
         if m["kind"] == "baseline" or mine is None or theirs is None:
             r[verdict_key] = False if m["kind"] == "baseline" else None
