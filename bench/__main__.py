@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=parse_resolution, default=None, metavar="PIXELS",
                    help="image size, e.g. 512 or 768x512 (default: sd15 512, sdxl 1024; fixtures have their own)")
     p.add_argument("--batch", type=int, default=0,
-                   help="samples of the counted pass (FLOPs, closeness, quality; 0: fixtures 16 = the 16 bench "
+                   help="samples of the counted pass (FLOPs, closeness, quality; 0: fixtures 8 = 8 bench "
                         "prompts x 1 seed, 64 = the whole bench set; full-size models and checkpoints 1)")
     p.add_argument("--timing-batch", type=int, default=0,
                    help="samples per timed run (0: fixtures 1, others the whole batch)")

@@ -223,7 +223,7 @@ class SuiteOptions:
 
 
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
-FIXTURE_BATCH = 16      # fixtures: the 16 bench prompts x 1 seed (``--batch 64``: the whole bench set, 4 seeds)
+FIXTURE_BATCH = 8       # fixtures: 8 bench prompts x 1 seed (``--batch 64``: the whole bench set, 16 prompts x 4 seeds)
 FIXTURE_TIMING_BATCH = 1     # fixtures: samples per timed run (closeness and quality use the whole batch)
 
 

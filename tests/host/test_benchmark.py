@@ -176,6 +176,18 @@ def test_suite_document_rows_and_files(t15, tmp_path):
     assert "FreeSpeed T-GATE" in text and "at equal FLOPs" in text and "timing inconclusive: 2 timing rounds" in text
 
 
+def test_suite_flops_verdicts_are_the_same_in_two_runs(t15):
+    """Counted FLOPs and the verdicts at equal FLOPs do not depend on the machine's mood: two runs give the
+    same values row for row (ToMe's random merge included: the RNG is seeded per run), whatever the timing."""
+    opts = suite.SuiteOptions(model="tiny", width=128, height=128, batch=2, steps=6, cfg=5.0,
+                              rows=["todo", "tome", "easycache"], fewer_steps=[2, 4], repeats=1)
+    keys = ("flops", "flops_ratio", "psnr", "match_flops", "beats_fewer_steps", "verdict_flops")
+    a, b = (suite.run_suite(opts, subject=_tiny_subject(t15)) for _ in range(2))
+    assert [[r[k] for k in keys] for r in a["rows"]] == [[r[k] for k in keys] for r in b["rows"]]
+    assert {r["name"]: r["verdict_flops"] for r in a["rows"] if r["kind"] != "baseline"
+            and r["kind"] != "fewer_steps"}.keys() == {"todo", "tome", "easycache"}
+
+
 def test_suite_reports_a_refusing_row_instead_of_crashing(t15, monkeypatch):
     def refuse(m):
         raise ValueError("FreeSpeed test: not supported")
