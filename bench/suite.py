@@ -269,20 +269,12 @@ row (> 1: cheaper); ``beats_fewer_steps`` / ``_quality``: at equal counted FLOPs
 ``*_time``: at equal wall time (null when the timing is inconclusive)."""
 
 
-def _cond_slice(cond: list, n: int, batch: int) -> list:
-    """The first ``n`` samples of a batched CONDITIONING (tensors whose first dimension is the batch)."""
+def _cond_part(cond: list, i: int, n: int, batch: int) -> list:
+    """Samples i..i+n-1 of a batched CONDITIONING (tensors whose first dimension is the batch are sliced)."""
     import torch
 
     def cut(v):
-        return v[:n] if torch.is_tensor(v) and v.ndim and v.shape[0] == batch else v
-    return [[cut(c), {k: cut(v) for k, v in extra.items()}] for c, extra in cond]
-
-
-def _one_sample(cond: list, i: int, batch: int) -> list:
-    import torch
-
-    def cut(v):
-        return v[i:i + 1] if torch.is_tensor(v) and v.ndim and v.shape[0] == batch else v
+        return v[i:i + n] if torch.is_tensor(v) and v.ndim and v.shape[0] == batch else v
     return [[cut(c), {k: cut(v) for k, v in extra.items()}] for c, extra in cond]
 
 
@@ -321,12 +313,7 @@ def measure(sub: Subject, rows: list[Row], opts: SuiteOptions, t_start: Optional
         """One sampling run of samples i..i+n-1; the global RNG is seeded first so that a peer drawing
         random numbers (ToMe's merge) is deterministic."""
         torch.manual_seed(opts.seed)
-        if n == batch:
-            pos, neg = sub.positive, sub.negative
-        elif n == 1:
-            pos, neg = _one_sample(sub.positive, i, batch), _one_sample(sub.negative, i, batch)
-        else:
-            pos, neg = _cond_slice(sub.positive, n, batch), _cond_slice(sub.negative, n, batch)
+        pos, neg = _cond_part(sub.positive, i, n, batch), _cond_part(sub.negative, i, n, batch)
         return comfy.sample.sample(model, noise[i:i + n], steps, opts.cfg, opts.sampler, opts.scheduler, pos, neg,
                                    sub.latent[i:i + n], denoise=1.0, seed=opts.seed, disable_pbar=True)
 

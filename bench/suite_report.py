@@ -132,6 +132,23 @@ def markdown(doc: dict) -> str:
                       head, sep, *body, "", *(f"- {x}" for x in notes(doc)), ""])
 
 
+def readme_table(doc: dict) -> str:
+    """The compact table the README shows (regenerate it from a run's ``suite.json``:
+    ``python -c "import json, bench.suite_report as r; print(r.readme_table(json.load(open(PATH))))"``)."""
+    out = ["| row | FLOPs ratio | time ratio (per-round range) | PSNR dB | acc | FD | vs fewer steps at equal FLOPs "
+           "| at equal time |", "|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in doc["rows"]:
+        if r.get("flops") is None:
+            out.append(f"| {r['label']} | — | — | — | — | — | not run: {(r.get('error') or '')[:60]} | |")
+            continue
+        fd = "-" if r.get("fd") is None else f"{r['fd']:.1f} ± {r.get('fd_spread') or 0:.1f}"
+        label = r["label"] + (f" ({r['steps']} steps)" if r["kind"] == "baseline" else "")
+        out.append(f"| {label} | {r['flops_ratio']:.2f}x | {_time_ratio(r)} | {_psnr(r['psnr'])} | "
+                   f"{_num(r.get('prompt_accuracy'), '.3f')} | {fd} | {r.get('verdict_flops') or ''} | "
+                   f"{r.get('verdict_time') or ''} |")
+    return "\n".join(out)
+
+
 def _panel(doc: dict, metric: str, label: str, title: str):
     from comfyui_freespeed.core.charts import speed_fidelity_plot
     pts, curve = [], []

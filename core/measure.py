@@ -5,9 +5,12 @@
   ratio is ``median(base) / median(row)``;
 * closeness: PSNR (peak = the reference's range) and SSIM (Wang et al. 2004, σ 1.5, 11 taps) of the
   output against the full run from the same noise, on any (B, C, H, W) tensor;
-* fewer steps at equal time (:func:`compare_with_fewer_steps`, the one rule): the curve is the
-  fewer-steps runs and the full run itself; a row is compared with the largest step count not slower
-  than it and beats it when its metric is better; a row slower than the full run loses to it.
+* the timing self-check (:func:`timing_check`): a time verdict needs >= 3 interleaved rounds and a
+  step-count curve whose medians grow with the steps and agree with the full run's;
+* fewer steps at equal cost (:func:`compare_with_fewer_steps`, the one rule; cost = median time or
+  counted FLOPs, :mod:`.flops`): the curve is the fewer-steps runs and the full run itself; a row is
+  compared with the largest step count not costlier than it and beats it when its metric is better; a
+  row costlier than the full run loses to it.
 """
 from __future__ import annotations
 
@@ -241,7 +244,7 @@ def ssim(x: torch.Tensor, reference: torch.Tensor, peak: Optional[float] = None,
 
 
 # ------------------------------------------------------------------------------------------------
-# fewer steps at the same wall time
+# fewer steps at the same cost
 # ------------------------------------------------------------------------------------------------
 def fewer_steps_counts(steps: int, n: int = 6) -> list[int]:
     """Step counts for a fewer-steps curve: up to ``n`` counts spread over [steps/4, steps − 1]."""
