@@ -485,7 +485,8 @@ def fixture_checks(sub: Subject, rows: list[dict], opts: SuiteOptions) -> Option
     out = {"fixture": sub.name, "steps": opts.steps, "sampler": opts.sampler, "n_samples": len(sub.prompts)}
     if half is not None:
         out["half_steps_psnr_db"] = round(M.psnr(half["_image"], full["_image"]), 2)
-    out["seed_diversity_psnr_db"] = round(realism.seed_diversity(full["_image"], sub.prompts), 2)
+    if len(set(sub.prompts)) < len(sub.prompts):      # seed diversity needs a prompt with two seeds
+        out["seed_diversity_psnr_db"] = round(realism.seed_diversity(full["_image"], sub.prompts), 2)
     out["prompt_accuracy"] = full.get("prompt_accuracy")
     try:
         firsts = sorted(set(sub.prompts), key=sub.prompts.index)[:4]
@@ -505,7 +506,7 @@ def scope(sub: Subject, checks: Optional[dict]) -> list[str]:
         met = (checks or {}).get("targets_met", {})
         missed = [k for k, ok in met.items() if not ok]
         if missed or not met:
-            return [f"This fixture misses {len(missed)} of {len(met)} realism targets ({', '.join(missed)}): its "
+            return [f"This fixture misses {len(missed)} of the {len(met)} realism targets measured ({', '.join(missed)}): its "
                     "verdicts against fewer steps are statements about this toy model, not about SD1.5, SDXL or Flux.",
                     "To measure a real model, run the FreeSpeed Benchmark node on your checkpoint in ComfyUI "
                     "(next: FreeSpeed Auto).",
