@@ -2,9 +2,10 @@
 
 Built-in default (what ``make bench`` runs): the suite (:mod:`bench.suite`) on ``fixture``, the SD1.x-family
 UNet trained here: baseline, every FreeSpeed node at its defaults, a stacked preset, fewer-steps runs and
-ComfyUI's peers, on the fixture's bench set (prompts x seeds), interleaved rounds fitted to ``--budget``;
-closeness (PSNR/SSIM vs the full run) and quality (prompt accuracy, fixture FD) per row, each row's verdict
-against the fewer-steps run of equal time on both axes, and the fixture's realism figures.  Writes
+ComfyUI's peers, on the fixture's bench prompts; a counted pass (FLOPs per sample, closeness = PSNR/SSIM vs
+the full run, quality = prompt accuracy and fixture FD) and 3 interleaved timed rounds; each row's verdict
+against the fewer-steps run of equal counted FLOPs and, when the timing passes its self-check, of equal wall
+time ("timing inconclusive" otherwise), and the fixture's realism figures.  Writes
 ``bench/out/suite.{json,md,png}``.  ``--model fixture-sdxl|fixture-flux|fixture-pixart`` (the other fixtures),
 ``sd15|sdxl`` (full-size, random weights: speed only) or a checkpoint path.
 
@@ -108,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=parse_resolution, default=None, metavar="PIXELS",
                    help="image size, e.g. 512 or 768x512 (default: sd15 512, sdxl 1024; fixtures have their own)")
     p.add_argument("--batch", type=int, default=0,
-                   help="latent batch (0: fixtures 32 = 16 bench prompts x 2 seeds, 64 = the whole bench set; full-size models and checkpoints 1)")
+                   help="samples of the counted pass (FLOPs, closeness, quality; 0: fixtures 8 = 8 bench "
+                        "prompts x 1 seed, 64 = the whole bench set; full-size models and checkpoints 1)")
+    p.add_argument("--timing-batch", type=int, default=0,
+                   help="samples per timed run (0: fixtures 1, others the whole batch)")
     p.add_argument("--steps", type=int, default=0, help="0: the model's default (20)")
     p.add_argument("--sampler", default="", help="default: the model's (euler)")
     p.add_argument("--scheduler", default="", help="default: the model's (normal)")
@@ -116,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", default="", help="comma-separated rows (default all): " + ", ".join(_row_names()))
     p.add_argument("--fewer-steps", default="", help="comma-separated step counts for the fewer-steps curve "
                                                      "(default: 6 counts from steps/4 to steps-1)")
-    p.add_argument("--repeats", type=int, default=0, help="interleaved rounds; 0 = fit --budget")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved timed rounds (a time verdict needs >= 3); 0 = as many as fit --budget")
     p.add_argument("--max-repeats", type=int, default=5)
-    p.add_argument("--budget", type=float, default=480.0, help="seconds the automatic round count aims to fit in")
-    p.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run of each row")
+    p.add_argument("--budget", type=float, default=240.0, help="seconds the automatic round count aims to fit in")
+    p.add_argument("--warmup-steps", type=int, default=1, help="steps of the untimed warm-up run of each row")
     p.add_argument("--attention", choices=("default", "pytorch"), default="default",
                    help="default = ComfyUI's choice (sub-quadratic on CPU), pytorch = SDPA")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -148,7 +153,7 @@ def suite_options(a: argparse.Namespace):
                         scheduler=a.scheduler, cfg=a.cfg, rows=_csv(a.rows),
                         fewer_steps=[int(x) for x in fewer] if fewer else None, repeats=a.repeats,
                         max_repeats=a.max_repeats, budget_s=a.budget, device=a.device, dtype=a.dtype,
-                        attention=a.attention, seed=a.seed, warmup_steps=a.warmup_steps)
+                        attention=a.attention, seed=a.seed, warmup_steps=a.warmup_steps, timing_batch=a.timing_batch)
 
 
 def _setup(argv, pytorch_attention: bool = False) -> bool:

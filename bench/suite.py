@@ -7,14 +7,17 @@ built-in peers, timed side by side and judged on two axes against the full run.
 2. One MODEL per row through the pack's own node code (or the peer node's ``execute``): ``baseline``,
    each FreeSpeed node at its defaults, ``stacked``, the baseline with fewer steps (the fair
    comparison), peers (TomePatchModel, HyperTile, EasyCache).
-3. :func:`measure`: the pack's rounds engine (``core.measure.timed_rounds``): a warm-up round, then
-   interleaved rounds fitted to ``budget_s``; the first timed round gives the outputs (runs are
-   deterministic from the noise).
-4. Per row: ratio against the baseline (with the range of the per-round paired ratios), closeness
-   (PSNR/SSIM against the full run), quality where the subject has ground truth (prompt accuracy and
-   fixture FD, :mod:`bench.fixtures.quality`), and the fewer-steps run of equal wall time with the
-   verdict on both axes (:func:`verdicts`).  Fixtures also report their realism figures
-   (``fixture_checks``).
+3. :func:`measure`: a counted pass (each row's whole sampling run under ``core.flops.count_flops``:
+   FLOPs per sample, and the outputs closeness and quality are measured on), then the pack's rounds
+   engine (``core.measure.timed_rounds``): a 1-step warm-up and interleaved timed rounds (3 by default)
+   of ``timing_batch`` samples.
+4. Per row: counted FLOPs and wall time against the baseline (with the range of the per-round paired
+   ratios), closeness (PSNR/SSIM against the full run), quality where the subject has ground truth
+   (prompt accuracy and fixture FD, :mod:`bench.fixtures.quality`), and the fewer-steps run of equal cost
+   with the verdict on both metrics (:func:`verdicts`): at equal counted FLOPs (deterministic) and, when
+   the timing passes its self-check (``core.measure.timing_check``), at equal wall time ("inconclusive"
+   otherwise).  Every row has the same keys (:data:`ROW_KEYS`).  Fixtures also report their realism
+   figures (``fixture_checks``) and the report says first what the subject can judge (:func:`scope`).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class Row:
     apply: Callable[[Any], Any]                 # base ModelPatcher -> the row's MODEL
     keys: tuple = ()                            # FreeSpeed wrapper keys whose stats the row reports
     steps: Optional[int] = None                 # fewer-steps rows: their step count
+    per_sample: bool = False                    # sampled one sample at a time (a peer that fails at batch > 1)
 
 
 def technique(key: str, **settings):
@@ -76,9 +80,11 @@ PEERS = (
     Row("tome", "ComfyUI TomePatchModel (0.3)", "peer", _peer("comfy_extras.nodes_tomesd", "TomePatchModel", ratio=0.3)),
     Row("hypertile", "ComfyUI HyperTile (defaults)", "peer",
         _peer("comfy_extras.nodes_hypertile", "HyperTile", tile_size=256, swap_size=2, max_depth=0, scale_depth=False)),
-    Row("easycache", "ComfyUI EasyCache (defaults)", "peer",
+    # EasyCache fails at batch > 1 with CFG on the fixture (upstream: its cached residual keeps one
+    # batch's shape): it runs one sample at a time, so it is in the table
+    Row("easycache", "ComfyUI EasyCache (defaults, one sample at a time)", "peer",
         _peer("comfy_extras.nodes_easycache", "EasyCacheNode", reuse_threshold=0.2, start_percent=0.15,
-              end_percent=0.95, verbose=False)),
+              end_percent=0.95, verbose=False), per_sample=True),
 )
 
 
@@ -161,7 +167,7 @@ def build_subject(model: str, width: int, height: int, batch: int, device, dtype
                        [f"{n} samples: {len(set(prompts))} bench prompts x {n // max(1, len(set(prompts)))} seeds"],
                        noise=fx.noise(seeds), prompts=list(prompts), fixture=fx,
                        defaults={"steps": fx.steps, "cfg": fx.cfg, "sampler": fx.sampler, "scheduler": fx.scheduler,
-                                 "width": fx.size * 8, "height": fx.size * 8})
+                                 "width": fx.size * 8, "height": fx.size * 8, "timing_batch": FIXTURE_TIMING_BATCH})
     batch = batch or 1
     if os.path.isfile(model):
         import comfy.sd
@@ -205,18 +211,20 @@ class SuiteOptions:
     cfg: float = 0.0                 # 0: the model's default (fixtures: their own, others 7)
     rows: Optional[list] = None      # row names (baseline always included); None = all
     fewer_steps: Optional[list] = None
-    repeats: int = 0                 # 0: as many rounds as fit budget_s (at least 1, at most max_repeats)
+    repeats: int = 3                 # 0: as many rounds as fit budget_s (at least 1, at most max_repeats)
     max_repeats: int = 5
-    budget_s: float = 480.0
+    timing_batch: int = 0            # samples per timed run (0: the model's default: fixtures 1, others the batch)
+    budget_s: float = 240.0
     device: str = "auto"
     dtype: str = "auto"
     attention: str = "default"       # "default" (ComfyUI's choice) or "pytorch" (set before the host loads)
     seed: int = 0
-    warmup_steps: int = 2            # the warm-up round samples every row with this many steps (not timed)
+    warmup_steps: int = 1            # the warm-up round samples every row with this many steps (not timed)
 
 
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
-FIXTURE_BATCH = 32      # fixtures: 16 bench prompts x 2 seeds (``--batch 64``: the whole bench set, 4 seeds)
+FIXTURE_BATCH = 8       # fixtures: 8 bench prompts x 1 seed (``--batch 64``: the whole bench set, 16 prompts x 4 seeds)
+FIXTURE_TIMING_BATCH = 1     # fixtures: samples per timed run (closeness and quality use the whole batch)
 
 
 def resolve(opts: SuiteOptions, sub: Optional[Subject] = None) -> SuiteOptions:
@@ -227,7 +235,8 @@ def resolve(opts: SuiteOptions, sub: Optional[Subject] = None) -> SuiteOptions:
                            "steps": opts.steps or d.get("steps", 20), "cfg": opts.cfg or d.get("cfg", 7.0),
                            "sampler": opts.sampler or d.get("sampler", "euler"),
                            "scheduler": opts.scheduler or d.get("scheduler", "normal"),
-                           "batch": int(sub.latent.shape[0]) if sub is not None else (opts.batch or 1)})
+                           "batch": int(sub.latent.shape[0]) if sub is not None else (opts.batch or 1),
+                           "timing_batch": opts.timing_batch or d.get("timing_batch", 0)})
 
 
 def row_stats(model, keys: tuple) -> tuple[dict, str]:
@@ -250,12 +259,40 @@ def row_stats(model, keys: tuple) -> tuple[dict, str]:
 # ------------------------------------------------------------------------------------------------
 # measuring rows
 # ------------------------------------------------------------------------------------------------
+ROW_KEYS = ("name", "label", "kind", "steps", "flops", "flops_ratio", "times_s", "median_s", "time_ratio",
+            "time_ratio_range", "psnr", "ssim", "prompt_accuracy", "fd", "fd_spread", "peak_mem_mb", "match_flops",
+            "match_time", "verdict_flops", "verdict_time", "beats_fewer_steps", "beats_fewer_steps_quality",
+            "beats_fewer_steps_time", "beats_fewer_steps_quality_time", "readout", "stats", "error")
+"""One schema for every row of ``suite.json`` (FreeSpeed, peers, baseline, fewer steps); a value that does
+not apply is null.  ``flops``: counted FLOPs per sample over the whole sampling run; ``*_ratio``: baseline /
+row (> 1: cheaper); ``beats_fewer_steps`` / ``_quality``: at equal counted FLOPs (deterministic);
+``*_time``: at equal wall time (null when the timing is inconclusive)."""
+
+
+def _cond_part(cond: list, i: int, n: int, batch: int) -> list:
+    """Samples i..i+n-1 of a batched CONDITIONING (tensors whose first dimension is the batch are sliced)."""
+    import torch
+
+    def cut(v):
+        return v[i:i + n] if torch.is_tensor(v) and v.ndim and v.shape[0] == batch else v
+    return [[cut(c), {k: cut(v) for k, v in extra.items()}] for c, extra in cond]
+
+
 def measure(sub: Subject, rows: list[Row], opts: SuiteOptions, t_start: Optional[float] = None) -> tuple[list, int]:
-    """Time and judge ``rows`` on ``sub`` (options resolved); returns (row records, rounds)."""
+    """Count, judge and time ``rows`` on ``sub`` (options resolved); returns (row records, rounds).
+
+    1. The counted pass (untimed): each row samples the whole batch once under
+       :func:`comfyui_freespeed.core.flops.count_flops` -- its FLOPs per sample (every sample counted:
+       no assumption that a technique costs the same on every prompt) and the outputs closeness and
+       quality are measured on; the FreeSpeed stats come from this run.
+    2. The timed rounds (``core.measure.timed_rounds``): a 1-step warm-up, then interleaved rounds of the
+       first ``opts.timing_batch`` samples (the counter slows execution, so timing is a separate pass).
+    """
     import torch
 
     import comfy.sample
     from comfyui_freespeed.core import measure as M
+    from comfyui_freespeed.core.flops import count_flops
 
     from .speed import resolve_device
 
@@ -268,63 +305,90 @@ def measure(sub: Subject, rows: list[Row], opts: SuiteOptions, t_start: Optional
             log.warning("row %s: %s", r.name, e)
             models[r.name] = e
     noise = sub.noise if sub.noise is not None else comfy.sample.prepare_noise(sub.latent, opts.seed)
+    batch = int(sub.latent.shape[0])
+    tb = max(1, min(opts.timing_batch or batch, batch))
     cuda = resolve_device(opts.device).type == "cuda"
 
-    def sample(r: Row, steps: int):
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+    def one(model, steps: int, i: int, n: int):
+        """One sampling run of samples i..i+n-1; the global RNG is seeded first so that a peer drawing
+        random numbers (ToMe's merge) is deterministic."""
+        torch.manual_seed(opts.seed)
+        pos, neg = _cond_part(sub.positive, i, n, batch), _cond_part(sub.negative, i, n, batch)
+        return comfy.sample.sample(model, noise[i:i + n], steps, opts.cfg, opts.sampler, opts.scheduler, pos, neg,
+                                   sub.latent[i:i + n], denoise=1.0, seed=opts.seed, disable_pbar=True)
+
+    def sample(r: Row, steps: int, n: int):
+        """The first ``n`` samples (a per-sample row: one run per sample)."""
         with torch.inference_mode():
-            out = comfy.sample.sample(models[r.name], noise, steps, opts.cfg, opts.sampler, opts.scheduler,
-                                      sub.positive, sub.negative, sub.latent, denoise=1.0, seed=opts.seed,
-                                      disable_pbar=True)
-        if cuda:
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - t0, (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None)
+            if r.per_sample and n > 1:
+                return torch.cat([one(models[r.name], steps, i, 1) for i in range(n)])
+            return one(models[r.name], steps, 0, n)
 
     live = {r.name: r for r in rows if not isinstance(models[r.name], Exception)}
+
+    counted: dict[str, tuple] = {}
+    t0 = time.perf_counter()
+    for name, r in list(live.items()):
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            out, flops = count_flops(sample, r, r.steps or opts.steps, batch)
+        except Exception as e:      # a row that raises: reported with the reason, the others go on
+            log.warning("row %s failed: %s", name, e)
+            models[name] = e
+            live.pop(name)
+            continue
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
+        counted[name] = (out.float().cpu(), flops / batch, peak, *row_stats(models[name], r.keys))
+    log.info("counted pass (%d samples per row): %.1f s", batch, time.perf_counter() - t0)
+    if "baseline" not in counted:
+        raise RuntimeError(f"the baseline row failed: {models['baseline']}")
 
     def run(name: str, warm: bool):
         r = live[name]
         steps = r.steps or opts.steps
-        out, secs, peak = sample(r, max(1, min(opts.warmup_steps, steps)) if warm else steps)
-        if warm:
-            return None, secs
-        stats, line = row_stats(models[name], r.keys)
-        return (out.float().cpu(), peak, stats, line), secs
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        sample(r, max(1, min(opts.warmup_steps, steps)) if warm else steps, tb)
+        if cuda:
+            torch.cuda.synchronize()
+        return None, time.perf_counter() - t
 
     res = M.timed_rounds(list(live), run, repeats=opts.repeats, max_rounds=opts.max_repeats, budget_s=opts.budget_s,
                          t_start=t_start, catch=True, on_round=lambda i, secs: log.info("round %d: %.1f s", i, secs))
-    for name, e in res.failed.items():       # a row that raises: reported with the reason, the others go on
-        log.warning("row %s failed: %s", name, e)
-        models[name] = e
-    log.info("%d interleaved rounds after a %.1f s warm-up", res.rounds, res.warmup_s)
-    if "baseline" not in res.first:
-        raise RuntimeError(f"the baseline row failed: {models['baseline']}")
+    for name, e in res.failed.items():
+        log.warning("row %s failed while timed: %s", name, e)
+    log.info("%d interleaved rounds of %d sample(s) after a %.1f s warm-up", res.rounds, tb, res.warmup_s)
 
-    ref = sub.to_image(res.first["baseline"][0])
-    base_times = res.times["baseline"]
-    base_med = M.median(base_times)
+    ref = sub.to_image(counted["baseline"][0])
+    base_times = res.times.get("baseline") or []
+    base_med = M.median(base_times) if base_times else None
+    base_flops = counted["baseline"][1]
     out_rows = []
     for r in rows:
-        rec: dict[str, Any] = {"name": r.name, "label": r.label, "kind": r.kind, "steps": r.steps or opts.steps}
+        rec: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+        rec.update({"name": r.name, "label": r.label, "kind": r.kind, "steps": r.steps or opts.steps})
         if isinstance(models[r.name], Exception):
             rec["error"] = str(models[r.name])
             out_rows.append(rec)
             continue
-        out, peak, stats, line = res.first[r.name]
+        out, f, peak, stats, line = counted[r.name]
         img = sub.to_image(out)
-        times = res.times[r.name]
-        med = M.median(times)
-        paired = [b / t for b, t in zip(base_times, times)]        # per interleaved round
         p = M.psnr(img, ref)
-        rec.update({"times_s": [round(t, 4) for t in times], "median_s": round(med, 4),
-                    "ratio": round(base_med / med, 3),
-                    "ratio_range": [round(min(paired), 3), round(max(paired), 3)] if len(paired) > 1 else None,
-                    "psnr_db": round(p, 2) if math.isfinite(p) else p,
+        rec.update({"flops": int(round(f)), "flops_ratio": round(base_flops / f, 3) if f else None,
+                    "psnr": round(p, 2) if math.isfinite(p) else p,
                     "ssim": round(M.ssim(_frames(img), _frames(ref)), 4),
                     "peak_mem_mb": None if peak is None else round(peak, 1), "readout": line, "stats": stats})
+        times = res.times.get(r.name) or []
+        if r.name in res.failed:
+            rec["error"] = f"failed while timed: {res.failed[r.name]}"
+        elif times and base_med:
+            med = M.median(times)
+            paired = [b / t for b, t in zip(base_times, times)]        # per interleaved round
+            rec.update({"times_s": [round(t, 4) for t in times], "median_s": round(med, 4),
+                        "time_ratio": round(base_med / med, 3),
+                        "time_ratio_range": [round(min(paired), 3), round(max(paired), 3)] if len(paired) > 1 else None})
         if sub.prompts is not None:
             rec.update(quality(img, sub.prompts))
         rec["_image"] = img
@@ -345,31 +409,67 @@ def quality(images, prompts) -> dict:
     return {"prompt_accuracy": round(acc["accuracy"], 4), "fd": round(fd["fd"], 3), "fd_spread": round(fd["spread"], 3)}
 
 
-def verdicts(rows: list[dict]) -> None:
-    """Each accelerated row against the fewer-steps run of equal wall time (the one rule of
-    ``core.measure.compare_with_fewer_steps``), on both axes:
+AXES = (("flops", "flops", ""), ("time", "median_s", "_time"))     # (axis, cost key, verdict-key suffix)
 
-    * ``beats_fewer_steps`` (closeness): higher PSNR against the full run;
-    * ``beats_fewer_steps_quality``: lower fixture FD by more than the larger of the two FD spreads,
-      with prompt accuracy no more than ``ACCURACY_SLACK`` below the fewer-steps run's.
-    """
+
+def verdicts(rows: list[dict], timing_ok: bool = True) -> None:
+    """Each accelerated row against the fewer-steps run of equal cost (the one rule of
+    ``core.measure.compare_with_fewer_steps``: the largest step count not costlier than the row), on two
+    cost axes -- counted FLOPs (``match_flops``, ``beats_fewer_steps*``: the same on any machine) and wall
+    time (``match_time``, ``beats_fewer_steps*_time``; only when ``timing_ok``) -- and two metrics:
+
+    * closeness (``beats_fewer_steps``): higher PSNR against the full run;
+    * quality (``beats_fewer_steps_quality``): lower fixture FD by more than the larger of the two FD
+      spreads, with prompt accuracy no more than ``ACCURACY_SLACK`` below the fewer-steps run's.
+
+    ``verdict_flops`` / ``verdict_time`` say it in words (``verdict_time``: ``"inconclusive"`` when the
+    timing failed its self-check)."""
     from comfyui_freespeed.core import measure as M
-    M.compare_with_fewer_steps(rows)
-    if not any("fd" in r for r in rows):
-        return
-    M.compare_with_fewer_steps(rows, metric="fd", verdict_key="beats_fewer_steps_quality", higher_is_better=False)
-    by_steps = {r["steps"]: r for r in rows if r.get("kind") in ("fewer_steps", "baseline") and "fd" in r}
-    for r in rows:
-        m = r.get("fewer_steps_match")
-        if r.get("beats_fewer_steps_quality") is None or not m:
+    for axis, cost, sfx in AXES:
+        if axis == "time" and not timing_ok:
             continue
-        other = by_steps.get(m["steps"])
-        m["prompt_accuracy"], m["fd_spread"] = other.get("prompt_accuracy"), other.get("fd_spread")
-        if r["beats_fewer_steps_quality"]:
-            margin = max(r.get("fd_spread") or 0.0, other.get("fd_spread") or 0.0)
-            r["beats_fewer_steps_quality"] = bool(
-                r["fd"] + margin < other["fd"]
-                and r.get("prompt_accuracy", 0.0) >= other.get("prompt_accuracy", 0.0) - ACCURACY_SLACK)
+        match = f"match_{axis}"
+        M.compare_with_fewer_steps(rows, metric="psnr", verdict_key="beats_fewer_steps" + sfx, cost_key=cost,
+                                   match_key=match)
+        if not any(r.get("fd") is not None for r in rows):
+            continue
+        qkey = "beats_fewer_steps_quality" + sfx
+        M.compare_with_fewer_steps(rows, metric="fd", verdict_key=qkey, higher_is_better=False, cost_key=cost,
+                                   match_key=match)
+        by_steps = {r["steps"]: r for r in rows if r.get("kind") in M.CURVE_KINDS and r.get("fd") is not None}
+        for r in rows:
+            m = r.get(match)
+            if r.get(qkey) is None or not m:
+                continue
+            other = by_steps.get(m["steps"])
+            m["prompt_accuracy"], m["fd_spread"] = other.get("prompt_accuracy"), other.get("fd_spread")
+            if r[qkey]:
+                margin = max(r.get("fd_spread") or 0.0, other.get("fd_spread") or 0.0)
+                r[qkey] = bool(r["fd"] + margin < other["fd"]
+                               and (r.get("prompt_accuracy") or 0.0) >= (other.get("prompt_accuracy") or 0.0) - ACCURACY_SLACK)
+    curve = {axis: sum(1 for r in rows if r.get("kind") in M.CURVE_KINDS and r.get(cost) is not None) >= 2
+             for axis, cost, _ in AXES}
+    for r in rows:
+        if r.get("kind") in M.CURVE_KINDS or r.get("error"):
+            continue
+        r["verdict_flops"] = verdict_text(r, "flops") if curve["flops"] else "no fewer-steps runs to compare with"
+        r["verdict_time"] = ("inconclusive" if not timing_ok else
+                             verdict_text(r, "time") if curve["time"] else "no fewer-steps runs to compare with")
+
+
+def verdict_text(r: dict, axis: str) -> str:
+    """A row's verdict on one cost axis in words (the same words in the JSON, the tables and the README)."""
+    m, sfx = r.get(f"match_{axis}"), dict((a, x) for a, _, x in AXES)[axis]
+    if m is None:
+        return "cheaper than every fewer-steps run"
+    if m.get("baseline"):
+        return "not cheaper than the full run"
+    word = {True: "better", False: "worse", None: "?"}
+    text = f"vs {m['steps']} steps: closeness {word[r.get('beats_fewer_steps' + sfx)]}"
+    q = r.get("beats_fewer_steps_quality" + sfx)
+    if q is not None:
+        text += f", quality {'better' if q else 'not better'}"
+    return text
 
 
 def fixture_checks(sub: Subject, rows: list[dict], opts: SuiteOptions) -> Optional[dict]:
@@ -385,7 +485,8 @@ def fixture_checks(sub: Subject, rows: list[dict], opts: SuiteOptions) -> Option
     out = {"fixture": sub.name, "steps": opts.steps, "sampler": opts.sampler, "n_samples": len(sub.prompts)}
     if half is not None:
         out["half_steps_psnr_db"] = round(M.psnr(half["_image"], full["_image"]), 2)
-    out["seed_diversity_psnr_db"] = round(realism.seed_diversity(full["_image"], sub.prompts), 2)
+    if len(set(sub.prompts)) < len(sub.prompts):      # seed diversity needs a prompt with two seeds
+        out["seed_diversity_psnr_db"] = round(realism.seed_diversity(full["_image"], sub.prompts), 2)
     out["prompt_accuracy"] = full.get("prompt_accuracy")
     try:
         firsts = sorted(set(sub.prompts), key=sub.prompts.index)[:4]
@@ -397,6 +498,26 @@ def fixture_checks(sub: Subject, rows: list[dict], opts: SuiteOptions) -> Option
     out["targets_met"] = {k: (out[k] <= v if op == "<=" else out[k] >= v)
                           for k, (op, v) in realism.TARGETS.items() if out.get(k) is not None}
     return out
+
+
+def scope(sub: Subject, checks: Optional[dict]) -> list[str]:
+    """What this run can and cannot judge (the report's first lines)."""
+    if sub.fixture is not None:
+        met = (checks or {}).get("targets_met", {})
+        missed = [k for k, ok in met.items() if not ok]
+        if missed or not met:
+            return [f"This fixture misses {len(missed)} of the {len(met)} realism targets measured ({', '.join(missed)}): its "
+                    "verdicts against fewer steps are statements about this toy model, not about SD1.5, SDXL or Flux.",
+                    "To measure a real model, run the FreeSpeed Benchmark node on your checkpoint in ComfyUI "
+                    "(next: FreeSpeed Auto).",
+                    "It can judge: counted FLOPs (exact, any machine), that a node runs and what it changes, and "
+                    "closeness to the full run on this toy."]
+        return ["This fixture meets its realism targets; its verdicts are still about this small model: confirm "
+                "on a real checkpoint with the FreeSpeed Benchmark node."]
+    if not sub.fidelity_meaningful:
+        return ["Random weights: counted FLOPs and wall time only; closeness and quality are not meaningful "
+                "(use a fixture or a checkpoint)."]
+    return [f"A real checkpoint ({sub.label}): the verdicts are about it at these settings and on this device."]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,18 +538,26 @@ def run_suite(opts: SuiteOptions, t_start: Optional[float] = None, subject: Opti
     opts = resolve(opts, sub)
     rows = select_rows(opts.rows, opts.steps, opts.fewer_steps)
     doc_rows, rounds = measure(sub, rows, opts, t_start)
-    verdicts(doc_rows)
+    from comfyui_freespeed.core.measure import timing_check
+    timing_ok, why = timing_check(doc_rows)
+    if not timing_ok:
+        log.warning("timing inconclusive: %s", why)
+    verdicts(doc_rows, timing_ok)
     checks = fixture_checks(sub, doc_rows, opts)
     for r in doc_rows:
         r.pop("_image", None)
     return {
-        "kind": "freespeed-bench-suite", "version": 2,
+        "kind": "freespeed-bench-suite", "version": 3,
+        "scope": scope(sub, checks),
+        "timing": {"ok": timing_ok, "why": why, "rounds": rounds, "batch": max(1, min(opts.timing_batch or opts.batch,
+                                                                                      opts.batch))},
         "environment": {**environment(device), "torch_threads": torch.get_num_threads(),
                         "cpu": platform.processor() or platform.machine()},
         "config": {"model": sub.name, "model_label": sub.label, "params_m": sub.params_m, "width": opts.width,
                    "height": opts.height, "latent": list(sub.latent.shape), "batch": opts.batch, "steps": opts.steps,
                    "sampler": opts.sampler, "scheduler": opts.scheduler, "cfg": opts.cfg, "seed": opts.seed,
                    "attention": opts.attention, "dtype": str(dtype).replace("torch.", ""), "rounds": rounds,
+                   "timing_batch": max(1, min(opts.timing_batch or opts.batch, opts.batch)),
                    "fidelity_meaningful": sub.fidelity_meaningful, "quality": sub.prompts is not None},
         "fixture_checks": checks,
         "notes": list(sub.notes),
@@ -437,5 +566,5 @@ def run_suite(opts: SuiteOptions, t_start: Optional[float] = None, subject: Opti
     }
 
 
-__all__ = ["Row", "SuiteOptions", "technique_rows", "row_names", "select_rows", "fewer_steps_rows", "measure",
+__all__ = ["ROW_KEYS", "scope", "Row", "SuiteOptions", "technique_rows", "row_names", "select_rows", "fewer_steps_rows", "measure",
            "verdicts", "fixture_checks", "run_suite", "build_subject", "technique", "is_fixture"]

@@ -1,5 +1,5 @@
 """Reports of the benchmark suite (:mod:`bench.suite`): terminal table, markdown, JSON, and the
-speed-vs-fidelity plot (PNG, one point per row, the fewer-steps curve drawn through).  Pure
+cost-vs-fidelity plot (PNG, x = counted FLOPs ratio, one point per row, the fewer-steps curve drawn through).  Pure
 functions of the result document; no torch work."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Optional
 
 from .report import table, to_json
 
-COLUMNS = ("row", "steps", "median s", "ratio", "PSNR dB", "SSIM", "acc", "FD", "peak MB", "vs fewer steps",
-           "node stats")
+COLUMNS = ("row", "steps", "GFLOPs/sample", "FLOPs ratio", "median s", "time ratio", "PSNR dB", "SSIM", "acc", "FD",
+           "vs fewer steps at equal FLOPs", "vs fewer steps at equal time", "node stats")
 
 
 def _psnr(v) -> str:
@@ -19,46 +19,33 @@ def _psnr(v) -> str:
     return f"{v:.2f}"
 
 
-def _word(v) -> str:
-    return {True: "better", False: "worse", None: "?"}[v]
+def _time_ratio(r: dict) -> str:
+    if r.get("time_ratio") is None:
+        return "-"
+    rng = r.get("time_ratio_range")
+    return f"{r['time_ratio']:.2f}x" + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng else "")
 
 
-def _versus(r: dict) -> str:
-    if r.get("kind") in ("baseline", "fewer_steps"):
-        return ""
-    if "fewer_steps_match" not in r:
-        return "n/a"
-    m = r["fewer_steps_match"]
-    if m is None:
-        return "faster than all"
-    if m.get("baseline"):
-        return "not faster than baseline"
-    text = f"{m['steps']} st: closeness {_word(r.get('beats_fewer_steps'))}"
-    if "beats_fewer_steps_quality" in r:
-        text += f", quality {_word(r.get('beats_fewer_steps_quality'))}"
-    return text
-
-
-def _ratio(r: dict) -> str:
-    rng = r.get("ratio_range")
-    return f"{r['ratio']:.2f}x" + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng else "")
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def rows(doc: dict, readout_width: int = 70) -> list[list[str]]:
     out = []
     for r in doc["rows"]:
-        if "error" in r:
-            out.append([r["label"], str(r["steps"]), "-", "-", "-", "-", "-", "-", "-", "",
-                        f"not run: {r['error'][:readout_width]}"])
+        if r.get("flops") is None:
+            out.append([r["label"], str(r["steps"]), *["-"] * 8, "", "", f"not run: {(r.get('error') or '')[:readout_width]}"])
             continue
         ro = r.get("readout") or ""
+        if r.get("error"):
+            ro = r["error"]
         if len(ro) > readout_width:
             ro = ro[:readout_width - 1] + "…"
-        acc = "-" if r.get("prompt_accuracy") is None else f"{r['prompt_accuracy']:.3f}"
         fd = "-" if r.get("fd") is None else f"{r['fd']:.2f}±{r.get('fd_spread') or 0:.2f}"
-        out.append([r["label"], str(r["steps"]), f"{r['median_s']:.3f}", _ratio(r), _psnr(r["psnr_db"]),
-                    f"{r['ssim']:.3f}", acc, fd, "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}",
-                    _versus(r), ro])
+        out.append([r["label"], str(r["steps"]), f"{r['flops'] / 1e9:.2f}", f"{r['flops_ratio']:.2f}x",
+                    _num(r.get("median_s"), ".3f"), _time_ratio(r), _psnr(r["psnr"]), f"{r['ssim']:.3f}",
+                    _num(r.get("prompt_accuracy"), ".3f"), fd, r.get("verdict_flops") or "",
+                    r.get("verdict_time") or "", ro])
     return out
 
 
@@ -66,32 +53,29 @@ def headline(doc: dict) -> str:
     c, e = doc["config"], doc["environment"]
     dev = e.get("device_name") or e.get("device", "")
     return (f"FreeSpeed benchmark: {c['model_label']}, {c['width']}x{c['height']} (latent "
-            f"{'x'.join(str(v) for v in c['latent'][2:])}), batch {c['batch']}, {c['steps']} steps {c['sampler']}/"
-            f"{c['scheduler']}, CFG {c['cfg']:g}, {c['dtype']}, attention {c['attention']}, {dev}, "
-            f"{c['rounds']} interleaved round(s)")
+            f"{'x'.join(str(v) for v in c['latent'][2:])}), {c['batch']} samples, {c['steps']} steps {c['sampler']}/"
+            f"{c['scheduler']}, CFG {c['cfg']:g}, {c['dtype']}, attention {c['attention']}, {dev}; timed: "
+            f"{c['rounds']} interleaved round(s) of {c.get('timing_batch', c['batch'])} sample(s)")
+
+
+def timing_line(doc: dict) -> str:
+    t = doc.get("timing") or {}
+    if t.get("ok"):
+        return f"timing: consistent ({t.get('why')}): time verdicts given"
+    return f"timing inconclusive: {t.get('why')} -- no time verdict; the FLOPs verdicts stand"
 
 
 def goal_lines(doc: dict) -> list[str]:
-    """The issue's goal as measured: each technique at its default beats fewer steps at equal time."""
+    """Each technique and peer against fewer steps: at equal counted FLOPs, then at equal wall time."""
     out = []
     for r in doc["rows"]:
-        if r.get("kind") not in ("freespeed", "stacked") or "median_s" not in r:
+        if r.get("kind") in ("baseline", "fewer_steps") or r.get("flops") is None:
             continue
-        v = r.get("beats_fewer_steps")
-        if "fewer_steps_match" not in r:
-            out.append(f"{r['label']}: {r['ratio']:.2f}x (no fewer-steps runs to compare with)")
-            continue
-        m = r.get("fewer_steps_match")
-        if m and m.get("baseline"):
-            out.append(f"{r['label']}: {r['ratio']:.2f}x, not faster than the baseline")
-            continue
-        if m is None:
-            out.append(f"{r['label']}: {r['ratio']:.2f}x, faster than every fewer-steps run measured")
-            continue
-        verdict = {True: "beats", False: "does not beat"}
-        line = f"{r['label']}: {r['ratio']:.2f}x, {verdict[bool(v)]} {m['steps']} steps on closeness"
-        if "beats_fewer_steps_quality" in r:
-            line += f", {verdict[bool(r['beats_fewer_steps_quality'])]} it on quality"
+        line = f"{r['label']}: FLOPs {r['flops_ratio']:.2f}x, {r.get('verdict_flops')}"
+        if r.get("verdict_time") == "inconclusive":
+            line += "; time: inconclusive"
+        elif r.get("time_ratio") is not None:
+            line += f"; time {_time_ratio(r)}, {r.get('verdict_time')}"
         out.append(line)
     return out
 
@@ -115,14 +99,13 @@ def notes(doc: dict) -> list[str]:
     n = list(doc.get("notes", []))
     if not doc["config"].get("fidelity_meaningful", True):
         n.append("fidelity columns not meaningful for random weights")
-    if doc["config"].get("rounds", 0) < 3:
-        n.append(f"only {doc['config'].get('rounds')} timing round(s): on a shared machine a verdict that rests on a "
-                 "few percent of speed can turn; use --repeats 3 (or a larger --budget) before trusting one")
-    if not any(r.get("peak_mem_mb") is not None for r in doc["rows"]):
-        n.append("peak memory is measured on CUDA only")
-    n.append("ratio = baseline median / row median, same interleaved rounds (in brackets: the range of the "
-             "per-round ratios); PSNR/SSIM of the final latent vs the baseline's (same noise and prompts); "
-             "'vs fewer steps': the baseline with the most steps that is not slower than the row")
+    n.append("FLOPs = counted per sample over the whole sampling run (torch.utils.flop_counter with the attention "
+             "kernels registered, FreeSpeed's own maps, PageRank and gathers included; core/flops.py); ratios = "
+             "baseline / row, > 1 is cheaper; 'vs fewer steps': the baseline with the most steps not costlier than "
+             "the row on that axis (FLOPs: the same on every machine and run)")
+    n.append("time: medians of interleaved rounds (in brackets: the range of the per-round ratios); a time verdict "
+             "needs >= 3 rounds and a step-count curve that passes the self-check (core.measure.timing_check)")
+    n.append("PSNR/SSIM of the final latent vs the baseline's (same noise and prompts, the counted pass)")
     if doc["config"].get("quality"):
         n.append("acc = prompt accuracy (attributes read back from each sample); FD = fixture FD against true renders "
                  "of the same prompts (± bootstrap spread); quality 'better' = FD lower by more than the larger "
@@ -132,42 +115,62 @@ def notes(doc: dict) -> list[str]:
 
 def terminal(doc: dict) -> str:
     checks = check_lines(doc)
-    return "\n".join([headline(doc), "", *(["fixture checks:", *(f"  {x}" for x in checks), ""] if checks else []),
-                      table(list(COLUMNS), rows(doc)), "", *goal_lines(doc),
+    return "\n".join([headline(doc), *doc.get("scope", []), timing_line(doc), "", *goal_lines(doc), "",
+                      *(["fixture checks:", *(f"  {x}" for x in checks), ""] if checks else []),
+                      table(list(COLUMNS), rows(doc)), "",
                       *(f"note: {x}" for x in notes(doc)), f"total wall time {doc['wall_s']:.0f} s"])
 
 
 def markdown(doc: dict) -> str:
     head = "| " + " | ".join(COLUMNS) + " |"
-    sep = "|" + "|".join(["---"] + ["---:"] * 8 + ["---", "---"]) + "|"
+    sep = "|" + "|".join(["---"] + ["---:"] * 9 + ["---"] * 3) + "|"
     body = ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows(doc, readout_width=90)]
     checks = check_lines(doc)
-    return "\n".join([f"**{headline(doc)}**", "", *(["Fixture checks:", *(f"- {x}" for x in checks), ""] if checks else []),
-                      head, sep, *body, "", *(f"- {g}" for g in goal_lines(doc)),
-                      *(f"- {x}" for x in notes(doc)), ""])
+    return "\n".join([f"**{headline(doc)}**", "", *(f"> {x}" for x in doc.get("scope", [])), "",
+                      f"**{timing_line(doc)}**", "", *(f"- {g}" for g in goal_lines(doc)), "",
+                      *(["Fixture checks:", *(f"- {x}" for x in checks), ""] if checks else []),
+                      head, sep, *body, "", *(f"- {x}" for x in notes(doc)), ""])
+
+
+def readme_table(doc: dict) -> str:
+    """The compact table the README shows (regenerate it from a run's ``suite.json``:
+    ``python -c "import json, bench.suite_report as r; print(r.readme_table(json.load(open(PATH))))"``)."""
+    out = ["| row | FLOPs ratio | time ratio (per-round range) | PSNR dB | acc | FD | vs fewer steps at equal FLOPs "
+           "| at equal time |", "|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in doc["rows"]:
+        if r.get("flops") is None:
+            out.append(f"| {r['label']} | — | — | — | — | — | not run: {(r.get('error') or '')[:60]} | |")
+            continue
+        fd = "-" if r.get("fd") is None else f"{r['fd']:.1f} ± {r.get('fd_spread') or 0:.1f}"
+        label = r["label"] + (f" ({r['steps']} steps)" if r["kind"] == "baseline" else "")
+        out.append(f"| {label} | {r['flops_ratio']:.2f}x | {_time_ratio(r)} | {_psnr(r['psnr'])} | "
+                   f"{_num(r.get('prompt_accuracy'), '.3f')} | {fd} | {r.get('verdict_flops') or ''} | "
+                   f"{r.get('verdict_time') or ''} |")
+    return "\n".join(out)
 
 
 def _panel(doc: dict, metric: str, label: str, title: str):
     from comfyui_freespeed.core.charts import speed_fidelity_plot
     pts, curve = [], []
     for r in doc["rows"]:
-        if "median_s" not in r or r.get(metric) is None:
+        if r.get("flops_ratio") is None or r.get(metric) is None:
             continue
         y = r[metric]
         if r["kind"] in ("fewer_steps", "baseline"):
-            curve.append((r["ratio"], y, f"{r['steps']} st"))
+            curve.append((r["flops_ratio"], y, f"{r['steps']} st"))
         else:
-            pts.append({"label": r["name"], "x": r["ratio"], "y": y})
+            pts.append({"label": r["name"], "x": r["flops_ratio"], "y": y})
     curve = [p for p in curve if math.isfinite(p[1])]
-    return speed_fidelity_plot(pts, curve, title=title, y_label=label)
+    return speed_fidelity_plot(pts, curve, title=title, y_label=label,
+                               x_label="counted FLOPs ratio vs baseline (×, higher is cheaper)")
 
 
 def plot(doc: dict, title: Optional[str] = None):
-    """The speed-vs-closeness plot and, with quality metrics, the speed-vs-quality plot, as a PIL image."""
+    """Cost (counted FLOPs: the deterministic axis) vs closeness and, with quality metrics, vs quality, as a PIL image."""
     from comfyui_freespeed.core.charts import stack_images
     c = doc["config"]
     head = title or f"{c['model_label']}, {c['width']}x{c['height']}, {c['steps']} steps {c['sampler']}, CFG {c['cfg']:g}"
-    panels = [_panel(doc, "psnr_db", "PSNR vs the full run (dB)", head + ": closeness")]
+    panels = [_panel(doc, "psnr", "PSNR vs the full run (dB)", head + ": closeness")]
     if c.get("quality"):
         panels.append(_panel(doc, "fd", "fixture FD (lower is better)", head + ": quality"))
     return panels[0] if len(panels) == 1 else stack_images(panels)

@@ -35,36 +35,39 @@ def label(settings: dict) -> str:
 
 
 def frontier(points: list[dict]) -> list[str]:
-    """Names of the points not dominated on (ratio up, FD down, PSNR up)."""
+    """Names of the points not dominated on (counted FLOPs ratio up, FD down, PSNR up)."""
     def dominated(p, q):
-        ge = q["ratio"] >= p["ratio"] and q["fd"] <= p["fd"] and q["psnr_db"] >= p["psnr_db"]
-        gt = q["ratio"] > p["ratio"] or q["fd"] < p["fd"] or q["psnr_db"] > p["psnr_db"]
+        ge = q["flops_ratio"] >= p["flops_ratio"] and q["fd"] <= p["fd"] and q["psnr"] >= p["psnr"]
+        gt = q["flops_ratio"] > p["flops_ratio"] or q["fd"] < p["fd"] or q["psnr"] > p["psnr"]
         return ge and gt
     return [p["name"] for p in points if not any(dominated(p, q) for q in points if q is not p)]
 
 
 def recommend(doc: dict) -> Optional[dict]:
-    """The configuration that beats fewer steps on quality in the most settings (then on closeness, then
-    the highest mean ratio); None when no configuration beats fewer steps on quality anywhere."""
+    """The configuration that beats fewer steps (at equal counted FLOPs) on quality in the most settings
+    (then on closeness, then the highest mean FLOPs ratio); None when no configuration beats fewer steps on
+    quality anywhere."""
     score: dict[str, list] = {}
     for st in doc["settings"]:
         for r in st["rows"]:
-            if r.get("kind") != "freespeed" or "median_s" not in r:
+            if r.get("kind") != "freespeed" or r.get("flops_ratio") is None:
                 continue
             s = score.setdefault(r["name"], [0, 0, [], r["settings"]])
             s[0] += bool(r.get("beats_fewer_steps_quality"))
             s[1] += bool(r.get("beats_fewer_steps"))
-            s[2].append(r["ratio"])
+            s[2].append(r["flops_ratio"])
     if not score:
         return None
     name, (q, c, ratios, settings) = max(score.items(), key=lambda kv: (kv[1][0], kv[1][1], sum(kv[1][2]) / len(kv[1][2])))
     return None if q == 0 else {"name": name, "settings": settings, "beats_quality_in": q, "beats_closeness_in": c,
-                                "mean_ratio": round(sum(ratios) / len(ratios), 3), "of_settings": len(doc["settings"])}
+                                "mean_flops_ratio": round(sum(ratios) / len(ratios), 3), "of_settings": len(doc["settings"])}
 
 
 def run_sweep(technique: str, model: str = "fixture", steps_list=(20, 50), samplers=("euler", "dpmpp_2m"),
               rounds: int = 1, t_start: Optional[float] = None, grid: Optional[list] = None) -> dict:
     import torch
+
+    from comfyui_freespeed.core.measure import timing_check
 
     from . import suite
     from .fixtures.families import load_fixture
@@ -96,12 +99,12 @@ def run_sweep(technique: str, model: str = "fixture", steps_list=(20, 50), sampl
                 suite.fewer_steps_rows(steps)
             log.info("sweep %s: %d steps %s, %d rows", technique, steps, sampler, len(rows))
             recs, n = suite.measure(sub, rows, opts)
-            suite.verdicts(recs)
+            suite.verdicts(recs, timing_check(recs)[0])
             for r in recs:
                 r.pop("_image", None)
                 if r["kind"] == "freespeed":
                     r["settings"] = grid[int(r["name"].split("[")[1].rstrip("]"))]
-            pts = [r for r in recs if r["kind"] == "freespeed" and "fd" in r]
+            pts = [r for r in recs if r["kind"] == "freespeed" and r.get("fd") is not None]
             settings.append({"steps": steps, "sampler": sampler, "rounds": n, "rows": recs,
                              "frontier": frontier(pts) if pts else []})
     doc = {"kind": "freespeed-bench-sweep", "version": 1, "technique": technique, "fixture": fx.name,
@@ -114,15 +117,16 @@ def run_sweep(technique: str, model: str = "fixture", steps_list=(20, 50), sampl
 
 
 def plot(doc: dict):
-    """One speed-vs-FD panel per (sampler, steps) setting, the fewer-steps curve drawn through."""
+    """One cost (counted FLOPs ratio)-vs-FD panel per (sampler, steps) setting, the fewer-steps curve drawn through."""
     from comfyui_freespeed.core.charts import speed_fidelity_plot, stack_images
     panels = []
     for st in doc["settings"]:
-        pts = [{"label": r["name"].split("[")[1].rstrip("]"), "x": r["ratio"], "y": r["fd"]}
-               for r in st["rows"] if r["kind"] == "freespeed" and "fd" in r]
-        curve = [(r["ratio"], r["fd"], f"{r['steps']} st") for r in st["rows"]
-                 if r["kind"] in ("fewer_steps", "baseline") and "fd" in r]
+        pts = [{"label": r["name"].split("[")[1].rstrip("]"), "x": r["flops_ratio"], "y": r["fd"]}
+               for r in st["rows"] if r["kind"] == "freespeed" and r.get("fd") is not None]
+        curve = [(r["flops_ratio"], r["fd"], f"{r['steps']} st") for r in st["rows"]
+                 if r["kind"] in ("fewer_steps", "baseline") and r.get("fd") is not None]
         panels.append(speed_fidelity_plot(pts, curve, size=(900, 420), y_label="fixture FD (lower is better)",
+                                          x_label="counted FLOPs ratio vs baseline (×, higher is cheaper)",
                                           title=f"{doc['technique']} on {doc['fixture']} (held-out): {st['steps']} steps "
                                                 f"{st['sampler']}; point n = grid entry n"))
     return stack_images(panels)

@@ -5,9 +5,12 @@
   ratio is ``median(base) / median(row)``;
 * closeness: PSNR (peak = the reference's range) and SSIM (Wang et al. 2004, σ 1.5, 11 taps) of the
   output against the full run from the same noise, on any (B, C, H, W) tensor;
-* fewer steps at equal time (:func:`compare_with_fewer_steps`, the one rule): the curve is the
-  fewer-steps runs and the full run itself; a row is compared with the largest step count not slower
-  than it and beats it when its metric is better; a row slower than the full run loses to it.
+* the timing self-check (:func:`timing_check`): a time verdict needs >= 3 interleaved rounds and a
+  step-count curve whose medians grow with the steps and agree with the full run's;
+* fewer steps at equal cost (:func:`compare_with_fewer_steps`, the one rule; cost = median time or
+  counted FLOPs, :mod:`.flops`): the curve is the fewer-steps runs and the full run itself; a row is
+  compared with the largest step count not costlier than it and beats it when its metric is better; a
+  row costlier than the full run loses to it.
 """
 from __future__ import annotations
 
@@ -123,6 +126,60 @@ def speed_ratio(base_times: Sequence[float], patched_times: Sequence[float]) -> 
     return median(base_times) / p
 
 
+MIN_TIMED_ROUNDS = 3          # a time verdict needs at least this many interleaved rounds
+CURVE_KINDS = ("fewer_steps", "baseline")
+
+
+def timing_check(rows: Sequence[Mapping], min_rounds: int = MIN_TIMED_ROUNDS, times_key: str = "times_s",
+                 curve_kinds: tuple = CURVE_KINDS, rel_tol: float = 0.02) -> tuple[bool, str]:
+    """Whether a timing is consistent enough to give time verdicts: ``(ok, why)``.
+
+    ``rows`` are dicts with ``kind``, ``steps`` and the per-round seconds ``times_key``; the step-count
+    curve (``curve_kinds``: the fewer-steps runs and the full run) is the self-check, because its cost
+    is known up to two constants (t(s) = a + b·s):
+
+    1. at least ``min_rounds`` interleaved rounds for every curve row;
+    2. the curve's medians grow with their step count: a smaller count is never slower than a larger
+       one by more than the measured spread (half the two rows' round ranges, at least ``rel_tol``);
+    3. the full run is not an outlier against the fewer-steps runs: its median is within the spread
+       (its own half range + the curve's mean half range, at least ``rel_tol``) of the line a + b·s
+       fitted through the fewer-steps medians (a line through the origin when there is only one).
+    """
+    curve = sorted((r for r in rows if r.get("kind") in curve_kinds and r.get(times_key)), key=lambda r: r["steps"])
+    if not curve:
+        return False, "no timed step-count curve (baseline and fewer-steps rows)"
+    rounds = min(len(r[times_key]) for r in curve)
+    if rounds < min_rounds:
+        return False, f"{rounds} timing round{'s' if rounds != 1 else ''}; a time verdict needs at least {min_rounds}"
+    if len(curve) < 2:
+        return False, "a single step count: nothing to check the timing against"
+    med = {r["steps"]: median(r[times_key]) for r in curve}
+    half = {r["steps"]: (max(r[times_key]) - min(r[times_key])) / 2 for r in curve}
+    for lo, hi in zip(curve, curve[1:]):
+        a, b = lo["steps"], hi["steps"]
+        slack = max(half[a] + half[b], rel_tol * med[b])
+        if med[a] > med[b] + slack:
+            return False, (f"{a} steps took {med[a]:.2f} s but {b} steps {med[b]:.2f} s "
+                           f"(spread ±{slack:.2f} s): the timing does not grow with the step count")
+    full = [r for r in curve if r.get("kind") == "baseline"]
+    fewer = [r for r in curve if r.get("kind") != "baseline"]
+    if full and fewer:
+        s0 = full[0]["steps"]
+        xs = [r["steps"] for r in fewer]
+        ys = [med[s] for s in xs]
+        if len(set(xs)) >= 2:
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            pred = my + b * (s0 - mx)
+        else:
+            pred = ys[0] * s0 / xs[0]
+        slack = max(half[s0] + sum(half[s] for s in xs) / len(xs), rel_tol * pred)
+        if abs(med[s0] - pred) > slack:
+            return False, (f"the full run ({s0} steps) took {med[s0]:.2f} s where the fewer-steps runs predict "
+                           f"{pred:.2f} s ± {slack:.2f} s: an outlier, every ratio against it would be off")
+    return True, f"{rounds} rounds; the step-count curve is consistent"
+
+
 # ------------------------------------------------------------------------------------------------
 # fidelity
 # ------------------------------------------------------------------------------------------------
@@ -187,7 +244,7 @@ def ssim(x: torch.Tensor, reference: torch.Tensor, peak: Optional[float] = None,
 
 
 # ------------------------------------------------------------------------------------------------
-# fewer steps at the same wall time
+# fewer steps at the same cost
 # ------------------------------------------------------------------------------------------------
 def fewer_steps_counts(steps: int, n: int = 6) -> list[int]:
     """Step counts for a fewer-steps curve: up to ``n`` counts spread over [steps/4, steps − 1]."""
@@ -209,29 +266,30 @@ def match_fewer_steps(step_times: Mapping[int, float], target_s: float) -> Optio
 
 
 def compare_with_fewer_steps(rows: list[dict], metric: str = "psnr_db", verdict_key: str = "beats_fewer_steps",
-                             higher_is_better: bool = True, curve_kinds: tuple = ("fewer_steps", "baseline")) -> None:
+                             higher_is_better: bool = True, curve_kinds: tuple = CURVE_KINDS,
+                             cost_key: str = "median_s", match_key: str = "fewer_steps_match") -> None:
     """Add to every accelerated row (``kind`` not in ``curve_kinds``) the run of the curve it must
-    beat -- the largest step count not slower than it (``fewer_steps_match``) -- and whether its
-    ``metric`` is better (``verdict_key``: True/False; None when it is faster than every curve run;
-    False when the match is the full run itself).  Rows are dicts with ``kind``, ``steps``,
-    ``median_s`` and the metric; nothing is added without at least two curve runs."""
-    curve = [r for r in rows if r.get("kind") in curve_kinds and "median_s" in r]
+    beat -- the largest step count whose cost (``cost_key``: median seconds, or counted FLOPs) is not
+    above the row's (``match_key``) -- and whether its ``metric`` is better (``verdict_key``: True/False;
+    None when it is cheaper than every curve run; False when the match is the full run itself).  Rows
+    are dicts with ``kind``, ``steps``, the cost and the metric; nothing is added without at least two
+    curve runs."""
+    curve = [r for r in rows if r.get("kind") in curve_kinds and r.get(cost_key) is not None]
     if len(curve) < 2:
         return
     by_steps = {r["steps"]: r for r in curve}
     for r in rows:
-        if r.get("kind") in curve_kinds or "median_s" not in r:
+        if r.get("kind") in curve_kinds or r.get(cost_key) is None:
             continue
-        s = match_fewer_steps({k: v["median_s"] for k, v in by_steps.items()}, r["median_s"])
+        s = match_fewer_steps({k: v[cost_key] for k, v in by_steps.items()}, r[cost_key])
         if s is None:
-            r.setdefault("fewer_steps_match", None)
+            r.setdefault(match_key, None)
             r[verdict_key] = None
             continue
         m = by_steps[s]
-        match = dict(r.get("fewer_steps_match") or {})
-        match.update({"steps": s, "median_s": m["median_s"], metric: m.get(metric),
-                      "baseline": m["kind"] == "baseline"})
-        r["fewer_steps_match"] = match
+        match = dict(r.get(match_key) or {})
+        match.update({"steps": s, cost_key: m[cost_key], metric: m.get(metric), "baseline": m["kind"] == "baseline"})
+        r[match_key] = match
         mine, theirs = r.get(metric), m.get(metric)
         if m["kind"] == "baseline" or mine is None or theirs is None:
             r[verdict_key] = False if m["kind"] == "baseline" else None
@@ -240,5 +298,5 @@ def compare_with_fewer_steps(rows: list[dict], metric: str = "psnr_db", verdict_
 
 
 __all__ = ["BASE", "PATCHED", "want_another_round", "Rounds", "timed_rounds", "median",
-           "speed_ratio", "data_range", "psnr", "ssim", "fewer_steps_counts", "match_fewer_steps",
+           "speed_ratio", "MIN_TIMED_ROUNDS", "timing_check", "data_range", "psnr", "ssim", "fewer_steps_counts", "match_fewer_steps",
            "compare_with_fewer_steps"]

@@ -167,3 +167,62 @@ def test_suite_defaults_depend_on_the_model():
     fx = resolve(SuiteOptions(), sub)
     assert (fx.batch, fx.width, fx.steps, fx.cfg, fx.sampler, fx.scheduler) == (64, 256, 30, 4.0, "dpmpp_2m", "normal")
     assert resolve(SuiteOptions(steps=12, cfg=2.0), sub).steps == 12 and resolve(SuiteOptions(cfg=2.0), sub).cfg == 2.0
+
+
+# -- the suite's row schema, verdicts on two cost axes and the timing rule ------------------------
+def _suite_rows(base_times=(20.0, 20.1, 19.9)):
+    """Synthetic suite rows in the one schema: a 20-step baseline, a fewer-steps curve with FLOPs linear in
+    the steps and times ~1 s per step, a technique at 60% of the FLOPs and 55% of the time, and a peer that
+    is not cheaper than the full run."""
+    from bench.suite import ROW_KEYS
+
+    def row(name, kind, steps, flops, times, psnr, fd=30.0, acc=0.5):
+        r = dict.fromkeys(ROW_KEYS)
+        r.update({"name": name, "label": name, "kind": kind, "steps": steps, "flops": flops,
+                  "flops_ratio": 2000 / flops, "times_s": list(times), "median_s": sorted(times)[len(times) // 2],
+                  "psnr": psnr, "fd": fd, "fd_spread": 1.0, "prompt_accuracy": acc})
+        return r
+    rows = [row("baseline", "baseline", 20, 2000, base_times, math.inf)]
+    rows.append(row("tech", "freespeed", 20, 1200, (11.0, 11.1, 10.9), 35.0, fd=25.0))
+    rows.append(row("peer", "peer", 20, 2000, (19.0, 19.1, 18.9), 40.0))
+    rows += [row(f"steps{s}", "fewer_steps", s, 100 * s, [s + d for d in (0.0, 0.1, -0.1)], 20.0 + s)
+             for s in (5, 10, 11, 13, 16, 19)]
+    return rows
+
+
+def test_suite_verdicts_at_equal_flops_and_equal_time():
+    from bench.suite import ROW_KEYS, verdicts
+    rows = _suite_rows()
+    ok, why = measure.timing_check(rows)
+    assert ok, why
+    verdicts(rows, ok)
+    assert all(tuple(r) == ROW_KEYS for r in rows)            # verdicts keep the one schema
+    tech, peer = rows[1], rows[2]
+    # equal FLOPs: 1200 FLOPs affords 11 steps (1100), whose PSNR 31 dB is below the technique's 35 dB;
+    # FD 25 beats 30 by more than the spread, accuracy equal: better on both
+    assert tech["match_flops"]["steps"] == 11 and tech["beats_fewer_steps"] is True
+    assert tech["beats_fewer_steps_quality"] is True
+    assert tech["verdict_flops"] == "vs 11 steps: closeness better, quality better"
+    # equal time: 11.0 s affords 11 steps (11.0 s) too
+    assert tech["match_time"]["steps"] == 11 and tech["verdict_time"] == "vs 11 steps: closeness better, quality better"
+    assert peer["verdict_flops"] == "not cheaper than the full run" and peer["beats_fewer_steps"] is False
+    assert peer["verdict_time"] == "vs 19 steps: closeness better, quality not better"   # 40 dB vs 39 dB
+    for r in rows[3:] + rows[:1]:                             # the curve itself has no verdict
+        assert r["verdict_flops"] is None and r["verdict_time"] is None
+
+
+def test_suite_gives_no_time_verdict_from_an_inconsistent_timing():
+    from bench import suite_report
+    from bench.suite import verdicts
+    rows = _suite_rows(base_times=(26.0, 26.1, 25.9))        # the full run 30% slower than its curve predicts
+    ok, why = measure.timing_check(rows)
+    assert not ok and "outlier" in why
+    verdicts(rows, ok)
+    tech = rows[1]
+    assert tech["verdict_time"] == "inconclusive" and tech["beats_fewer_steps_time"] is None
+    assert tech["match_time"] is None
+    assert tech["verdict_flops"] == "vs 11 steps: closeness better, quality better"     # FLOPs verdict stands
+    doc = {"rows": rows, "timing": {"ok": ok, "why": why}}
+    assert suite_report.timing_line(doc).startswith("timing inconclusive: the full run (20 steps) took 26.00 s")
+    assert any(x.endswith("; time: inconclusive") and x.startswith("tech: FLOPs 1.67x, vs 11 steps")
+               for x in suite_report.goal_lines(doc))

@@ -97,8 +97,10 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_suite_cli_writes_its_three_files(tmp_path, capsys):
-    """`python -m bench` (the default job) with a model and rows chosen on the command line."""
+    """`python -m bench` (the default job) with a model and rows chosen on the command line; one round:
+    "timing inconclusive", the FLOPs verdicts still given, exit code 0."""
     from bench.__main__ import main
+    from bench.suite import ROW_KEYS
     rc = main(["--model", "tiny-sd15", "--resolution", "64", "--batch", "1", "--steps", "4", "--rows", "todo,tome",
                "--fewer-steps", "2,3", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
     assert rc == 0
@@ -106,8 +108,11 @@ def test_suite_cli_writes_its_three_files(tmp_path, capsys):
     assert [r["name"] for r in doc["rows"]] == ["baseline", "todo", "tome", "steps2", "steps3"]
     assert doc["config"]["fidelity_meaningful"] is False          # random weights: speed only
     assert (tmp_path / "suite.png").stat().st_size > 0
+    assert all(tuple(r) == ROW_KEYS for r in doc["rows"])
+    assert doc["timing"]["ok"] is False and doc["rows"][1]["verdict_time"] == "inconclusive"
     out = capsys.readouterr().out
     assert "FreeSpeed ToDo" in out and "not meaningful" in out
+    assert "timing inconclusive: 1 timing round; a time verdict needs at least 3" in out   # and exit code 0
     assert main(["--model", "tiny-sd15", "--rows", "nope", "--device", "cpu", "--no-write"]) == 1
 
 

@@ -25,7 +25,7 @@ def test_every_grid_point_is_a_configuration_of_its_node(key):
 
 
 def _pt(name, ratio, fd, psnr):
-    return {"name": name, "ratio": ratio, "fd": fd, "psnr_db": psnr}
+    return {"name": name, "flops_ratio": ratio, "fd": fd, "psnr": psnr}
 
 
 def test_frontier_drops_exactly_the_dominated_points():
@@ -36,7 +36,7 @@ def test_frontier_drops_exactly_the_dominated_points():
 
 def test_recommend_prefers_quality_wins_then_closeness_then_speed():
     def row(name, q, c, ratio):
-        return {"name": name, "kind": "freespeed", "median_s": 1.0, "ratio": ratio, "settings": {"n": name},
+        return {"name": name, "kind": "freespeed", "median_s": 1.0, "flops_ratio": ratio, "settings": {"n": name},
                 "beats_fewer_steps_quality": q, "beats_fewer_steps": c}
     doc = {"settings": [{"rows": [row("x", True, False, 1.2), row("y", False, True, 3.0), row("z", True, True, 1.1)]},
                         {"rows": [row("x", True, False, 1.2), row("y", False, True, 3.0), row("z", True, False, 1.1)]}]}
