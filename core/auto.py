@@ -165,21 +165,28 @@ def climb_all(ladders: dict[str, list[Candidate]], evaluate: Callable[[Candidate
 
 def build_stacks(singles: Sequence[Candidate], evaluate: Callable[[Candidate], Candidate], log: SearchLog,
                  steps: int) -> Optional[Candidate]:
-    """Greedy stack from the passing singles, cheapest first: add each next single's rung while the stack
-    holds the target and gets cheaper.  Returns the best stack tried (None when none was tried or held)."""
+    """Greedy stack from the passing singles, cheapest first: add each next technique at its best passing
+    rung -- or, when that breaks the target, at its ladder's most conservative rung -- while the stack holds
+    the target and gets cheaper.  Returns the best stack that held (None when none was tried or held)."""
     order = sorted(singles, key=lambda c: c.cost)
     if len(order) < 2:
         return None
     current, best = order[0], None
     for s in order[1:]:
-        if log.trials >= log.budget:
-            break
-        c = evaluate(Candidate("stack", stack_parts(current.parts + s.parts), steps,
-                               "greedy stack of passing singles"))
-        log.trials += 1
-        log.candidates.append(c)
-        if c.passed and c.cost < current.cost:
-            current = best = c
+        key = s.keys[0]
+        first = dict(LADDERS[key][0].settings)
+        tries = [tuple(s.parts)] + ([((key, first),)] if dict(s.parts[0][1]) != first else [])
+        for part in tries:
+            if log.trials >= log.budget:
+                return best
+            c = evaluate(Candidate("stack", stack_parts(current.parts + part), steps, "greedy stack of passing singles"))
+            log.trials += 1
+            log.candidates.append(c)
+            if c.passed and c.cost < current.cost:
+                current = best = c
+                break
+            if c.passed:
+                break                    # it held but saved nothing: a more conservative rung saves less
     return best
 
 
@@ -206,9 +213,13 @@ def pick_winner(reference: Candidate, candidates: Sequence[Candidate]) -> Candid
 
 
 def finalists(reference: Candidate, candidates: Sequence[Candidate], n: int = 3) -> list[Candidate]:
-    """The ``n`` cheapest passing candidates (re-timed against the reference when cost is time)."""
-    ok = sorted((c for c in candidates if c.passed and c.cost is not None), key=lambda c: c.cost)
-    return ok[:n]
+    """The ``n`` cheapest passing candidates, re-timed against the reference when cost is time, plus the
+    measured fewer-steps run of most steps when none of them is one (the timing self-check's curve)."""
+    ok = sorted((c for c in candidates if c.passed and c.cost is not None), key=lambda c: c.cost)[:n]
+    fewer = [c for c in candidates if c.kind == "fewer_steps" and c.cost is not None and c.error is None]
+    if ok and fewer and not any(c.kind == "fewer_steps" for c in ok):
+        ok.append(max(fewer, key=lambda c: c.steps))
+    return ok
 
 
 def set_ratios(reference: Candidate, candidates: Sequence[Candidate]) -> None:
@@ -278,7 +289,7 @@ def text(reference: Candidate, candidates: Sequence[Candidate], winner: Candidat
 
 
 def settings_doc(job: dict, family: str, reference: Candidate, log: SearchLog, winner: Candidate, wall_s: float,
-                 retime_rounds: int = 0) -> dict:
+                 timing: Optional[dict] = None) -> dict:
     """The node's ``settings`` output (JSON): the winner, its ratio and spread, closeness per seed, the
     fewer-steps run of equal cost and how it did, every candidate and what the search cost."""
     target, seeds = float(job["target_db"]), int(job["seeds"])
@@ -298,7 +309,8 @@ def settings_doc(job: dict, family: str, reference: Candidate, log: SearchLog, w
             "reference": reference.as_dict(), "candidates": [c.as_dict() for c in log.candidates],
             "skipped": dict(log.skipped),
             "search": {"trials": log.trials, "budget": log.budget, "reference_runs": seeds,
-                       "retime_rounds": retime_rounds, "wall_s": round(wall_s, 3)}}
+                       "wall_s": round(wall_s, 3)},
+            "timing": timing}
 
 
 def readout(settings: dict) -> str:

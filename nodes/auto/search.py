@@ -19,6 +19,7 @@ import comfy.utils
 
 from ...core import auto as A
 from ...core import charts, measure
+from ...core.flops import count_flops
 from ...core.techniques import TECHNIQUES
 from .. import registry
 from ..builtins import apply_builtin
@@ -27,7 +28,7 @@ from ..sites import detect_model
 
 CANDIDATES = ("FreeSpeed + ComfyUI built-ins", "FreeSpeed only")
 COSTS = ("time", "flops")
-RETIME_ROUNDS = 3
+RETIME_ROUNDS = measure.MIN_TIMED_ROUNDS
 
 
 @dataclass
@@ -77,13 +78,6 @@ def accepted_keys(model, candidates: str) -> tuple[list[str], dict]:
         except Exception as e:         # a technique that does not accept the model says why
             skipped[key] = f"{type(e).__name__}: {e}"
     return ok, skipped
-
-
-def count_flops(fn: Callable[[], Any]) -> tuple[Any, float]:
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
-        out = fn()
-    return out, float(fc.get_total_flops())
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -159,9 +153,10 @@ class Trials:
         c.passed = c.error is None and A.holds(c.closeness, self.job.target, self.job.seeds)
         return c
 
-    def retime(self, ref: A.Candidate, finals: list[A.Candidate]) -> int:
+    def retime(self, ref: A.Candidate, finals: list[A.Candidate]) -> tuple[int, bool, str]:
         """Interleaved rounds (the benchmark's rounds engine) of the reference and the finalists on the first
-        seed; their costs become the medians, the ratio spread the range over rounds."""
+        seed: their costs become the medians, the ratio spread the range over rounds; the step-count curve
+        among them (the full run and a fewer-steps run) is the timing's self-check (``measure.timing_check``)."""
         rows = [ref] + finals
         models = [apply_parts(self.job.model, c.parts) for c in rows]
 
@@ -174,11 +169,12 @@ class Trials:
         for i, c in enumerate(rows):
             c.times = [round(t, 4) for t in res.times[i]]
             c.cost = measure.median(res.times[i])
-        base = res.times[0]
         for c in finals:
-            per_round = [b / t for b, t in zip(base, c.times)]
+            per_round = [b / t for b, t in zip(ref.times, c.times)]
             c.ratio_spread = (min(per_round), max(per_round))
-        return res.rounds
+        ok, why = measure.timing_check([{"kind": "baseline" if c is ref else c.kind, "steps": c.steps,
+                                         "times_s": c.times} for c in rows])
+        return res.rounds, ok, why
 
 
 def report_image(ref: A.Candidate, log: A.SearchLog, winner: A.Candidate, title: str, notes: list) -> torch.Tensor:
@@ -227,17 +223,18 @@ def run_auto(job: Job, progress: Optional[Callable[[int, int], None]] = None) ->
         ref = trials.reference()
         log = A.run_search(ref, keys, trials.evaluate, job.budget)
         log.skipped = skipped
-        rounds = 0
-        if job.cost == "time":
+        timing, finals = None, log.candidates
+        if job.cost == "time":                        # the winner comes from the re-timed finalists
             finals = A.finalists(ref, log.candidates)
             if finals:
-                rounds = trials.retime(ref, finals)
+                rounds, ok, why = trials.retime(ref, finals)
+                timing = {"rounds": rounds, "self_check_ok": ok, "self_check": why}
         A.set_ratios(ref, log.candidates)
     finally:
         logger.setLevel(quiet)
-    winner = A.pick_winner(ref, log.candidates)
+    winner = A.pick_winner(ref, finals)
     settings = A.settings_doc(job_dict(job), detect_model(job.model).family, ref, log, winner,
-                              wall_s=time.perf_counter() - t0, retime_rounds=rounds)
+                              wall_s=time.perf_counter() - t0, timing=timing)
     model = job.model if not winner.parts else apply_parts(job.model, winner.parts)
     logger.info("FreeSpeed Auto: %s (%d trials of %d, %.1f s)", settings["verdict"], log.trials, job.budget,
                 settings["search"]["wall_s"])
