@@ -191,3 +191,19 @@ def test_preset_round_trip_and_errors():
     with pytest.raises(ValueError, match="corrupt"):
         A.check_preset({**back, "parts": [{"technique": "warp", "settings": {}}]}, "sdxl", "'p'")
     assert ref.name == "original, 20 steps"
+
+
+def test_canvas_readout_of_a_search():
+    from comfyui_freespeed.core.readout import annotate
+    w = World()
+    ref = reference()
+    log = A.run_search(ref, KEYS, w.evaluate, budget=200)
+    A.set_ratios(ref, log.candidates)
+    win = A.pick_winner(ref, log.candidates)
+    doc = A.settings_doc({"target_db": 32.0, "seeds": 2, "cost": "flops"}, "sd1", ref, log, win, wall_s=1.0)
+    line = A.readout(doc)
+    assert line.startswith(win.name) and f"{REF_COST / win.cost:.2f}× (flops)" in line and f"{log.trials} trials" in line
+    # the node publishes its own line: the readout layer passes it through unchanged
+    assert annotate({"technique": "FreeSpeed Auto", "readout": line, "steps": 20})["readout"] == line
+    doc = A.settings_doc({"target_db": 60.0, "seeds": 2, "cost": "flops"}, "sd1", ref, log, ref, wall_s=1.0)
+    assert A.readout(doc) == "no winner at 60 dB: original, 20 steps"

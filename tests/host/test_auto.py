@@ -111,12 +111,12 @@ def test_fewer_steps_win_returns_the_original_model_and_fewer_steps():
 
 
 def test_unreachable_target_returns_the_original_model_and_says_so():
-    j = job("sd15", target=79.0, budget=3)
+    j = job("sd15", target=150.0, budget=3)
     res = run_auto(j)
     check_search(j, res)
     assert res["model"] is j.model and res["steps"] == STEPS and not res["settings"]["reached"]
-    assert "nothing tried holds 79 dB on all 2 seed(s)" in res["settings"]["verdict"]
-    assert A.readout(res["settings"]).startswith("no winner at 79 dB")
+    assert "nothing tried holds 150 dB on all 2 seed(s)" in res["settings"]["verdict"]
+    assert A.readout(res["settings"]).startswith("no winner at 150 dB")
 
 
 @pytest.fixture
