@@ -197,9 +197,8 @@ def run_search(reference: Candidate, keys: Sequence[str], evaluate: Callable[[Ca
     log = SearchLog(reference, budget=max(0, int(budget)))
     ladders = {"steps": [Candidate("fewer_steps", (), s, "original at fewer steps")
                          for s in fewer_steps_ladder(reference.steps, fewer_steps)]}
-    for k in CANONICAL:
-        if k in keys:
-            ladders[k] = ladder_candidates(k, reference.steps)
+    for k in keys:                   # in the caller's order (the node: FreeSpeed's techniques, then the built-ins)
+        ladders[k] = ladder_candidates(k, reference.steps)
     best = climb_all(ladders, evaluate, log)
     build_stacks([c for n, c in best.items() if n != "steps"], evaluate, log, reference.steps)
     return log

@@ -197,13 +197,14 @@ def report_image(ref: A.Candidate, log: A.SearchLog, winner: A.Candidate, title:
 
 
 def run_auto(job: Job, progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """The whole search; returns {"model", "steps", "settings" (dict), "winner", "log", "reference"}."""
+    """The whole search; returns {"model", "steps", "settings" (dict), "winner", "log", "reference",
+    "reference_outputs" (what closeness was measured against, per seed)}."""
     t0 = time.perf_counter()
     if job.seeds < 1 or job.budget < 0 or job.steps < 1:
         raise ValueError("FreeSpeed Auto: seeds and steps must be >= 1, budget >= 0")
     if job.cost not in COSTS or job.candidates not in CANDIDATES:
         raise ValueError(f"FreeSpeed Auto: cost must be one of {COSTS}, candidates one of {CANDIDATES}")
-    total = job.seeds + job.budget + (RETIME_ROUNDS + 1) * 4 if job.cost == "time" else job.seeds + job.budget
+    total = job.seeds + job.budget + ((RETIME_ROUNDS + 1) * 5 if job.cost == "time" else 0)   # 5: reference + 4 finalists
     pbar = comfy.utils.ProgressBar(total)
     done = [0]
 
@@ -239,7 +240,7 @@ def run_auto(job: Job, progress: Optional[Callable[[int, int], None]] = None) ->
     logger.info("FreeSpeed Auto: %s (%d trials of %d, %.1f s)", settings["verdict"], log.trials, job.budget,
                 settings["search"]["wall_s"])
     return {"model": model, "steps": winner.steps, "settings": settings, "winner": winner, "log": log,
-            "reference": ref}
+            "reference": ref, "reference_outputs": trials.refs}
 
 
 def job_dict(job: Job) -> dict:
