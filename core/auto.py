@@ -3,7 +3,7 @@ which settings to try on the user's own model, in which order, and which candida
 
 * **Closeness target.**  PSNR (dB) of each seed's output against the full run from the same noise, on the
   decoded images when a VAE is given, else on the final latents; the target must hold on every seed.
-  Default 32 dB: ``docs/dit-published-settings.md`` §6 -- the caching results their authors call
+  Default 32 dB (published closeness figures: cache-dit and EasyCache READMEs, TeaCache Table 1): the caching results their authors call
   near-lossless sit at 32.7-35 dB (DBCache F8B0 on FLUX 35.2 dB / SSIM 0.913 at 1.53×, EasyCache on
   HunyuanVideo 32.7 dB), and 32 dB is the conservative floor met by DBCache F1B0 at 2.07×.  Video
   papers call 23-25 dB good: lower the target for Wan.
@@ -11,9 +11,9 @@ which settings to try on the user's own model, in which order, and which candida
   source (the paper's setting, the node default, or our fixture sweep ``bench/sweep.py``), climbed while
   the target holds (the first failing rung ends that climb).  The original at fewer steps
   (:func:`fewer_steps_ladder`) is always climbed first: it is the alternative every speed-up must beat.
-* **Stacks** (:func:`stack_parts`): greedily from the cheapest passing single, adding the next-cheapest
-  single's best rung while the stack still holds the target and gets cheaper; parts applied in
-  :data:`CANONICAL` order.
+* **Stacks** (:func:`build_stacks`): greedily from the cheapest passing single, adding the next-cheapest
+  single's best rung (or its most conservative rung when that breaks the target) while the stack still
+  holds the target and gets cheaper; parts applied in :data:`CANONICAL` order.
 * **Winner** (:func:`pick_winner`): the cheapest candidate holding the target on every seed; the
   original when none is cheaper than the full run.
 """
