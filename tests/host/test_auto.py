@@ -187,7 +187,7 @@ def test_presets_round_trip_and_fail_clearly(user_dir):
             auto_node("sd15", save_as=bad)
         with pytest.raises(ValueError, match="not allowed"):
             PresetNode.execute(t.model, bad)
-    with pytest.raises(ValueError, match="'nope' not found .* saved presets: tiny sd15"):
+    with pytest.raises(ValueError, match="'nope' not found in .*saved presets: tiny sd15"):
         PresetNode.execute(t.model, "nope")
     with open(os.path.join(str(user_dir), "freespeed", "broken.json"), "w") as f:
         f.write("{not json")
