@@ -53,6 +53,42 @@ try {
     return { x: rect.left, y: rect.top + 80, width: Math.min(rect.width, (x1 - x0) * scale + 40), height: Math.min(rect.height - 80, (y1 - y0) * scale + 40) };
   }, ids);
 
+  // a 4:3 JPEG of the whole graph (the template card shows 16rem x 12rem): framed into a 4:3 region of the
+  // canvas below the menu, screenshotted (DOM widgets included), scaled down in the page
+  const thumbnail = async (file) => {
+    const box = { x: 60 + (1540 - 1088) / 2, y: 80, width: 1088, height: 816 };
+    await page.evaluate((box) => {
+      const app = window.comfyAPI.app.app;
+      const nodes = app.graph._nodes;
+      const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 20;
+      const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 50;
+      const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
+      const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
+      const rect = app.canvas.canvas.getBoundingClientRect();
+      const scale = Math.min(box.width / (x1 - x0), box.height / (y1 - y0));
+      app.canvas.ds.scale = scale;
+      app.canvas.ds.offset = [(box.x - rect.left + (box.width - (x1 - x0) * scale) / 2) / scale - x0,
+                              (box.y - rect.top + (box.height - (y1 - y0) * scale) / 2) / scale - y0];
+      app.canvas.setDirty(true, true);
+      app.canvas.draw(true, true);
+    }, box);
+    await page.waitForTimeout(150);
+    const png = await page.screenshot({ clip: box });
+    const jpeg = await page.evaluate(async (src) => {
+      const img = new Image();
+      img.src = src;
+      await img.decode();
+      const c = document.createElement("canvas");
+      c.width = 512;
+      c.height = 384;
+      const ctx = c.getContext("2d");
+      ctx.imageSmoothingQuality = "high";
+      ctx.drawImage(img, 0, 0, c.width, c.height);
+      return c.toDataURL("image/jpeg", 0.82).split(",")[1];
+    }, `data:image/png;base64,${png.toString("base64")}`);
+    fs.writeFileSync(file, Buffer.from(jpeg, "base64"));
+  };
+
   // 1. every shipped workflow loads with its widget values exactly where the JSON put them
   fs.mkdirSync(path.join(outDir, "workflows"), { recursive: true });
   for (const [name, wf] of Object.entries(spec.shipped)) {
@@ -77,9 +113,8 @@ try {
     await page.waitForTimeout(100);
     await page.screenshot({ path: shot });
     report.screenshots.push(shot);
-    // a template-browser thumbnail candidate (<name>.jpg next to the workflow)
-    await page.screenshot({ path: path.join(outDir, "workflows", `${name}.jpg`), type: "jpeg", quality: 70,
-                            clip: { x: 60, y: 80, width: 1540, height: 820 } });
+    // its template-browser thumbnail (<name>.jpg next to the workflow; `make thumbnails` copies them there)
+    await thumbnail(path.join(outDir, "workflows", `${name}.jpg`));
   }
 
   // 2. the template browser's listing names them under the pack
@@ -134,28 +169,56 @@ try {
     const w = node.widgets.find((x) => x.name === "gate");
     w.value = 0.7;
     w.callback?.(0.7, app.canvas, node);
-    let after = null;
-    for (let i = 0; i < 50; i++) {
+    return { id: String(node.id), before };
+  });
+  if (report.preview) {
+    // wait for the redraw: the server's answer for the new gate is in (not pending) and the canvas has drawn
+    // it as the preview (polled with a redraw each time; a fixed sleep raced the answer on a slow machine)
+    await page.waitForFunction((id) => {
+      const app = window.comfyAPI.app.app;
       app.canvas.setDirty(true, true);
       app.canvas.draw(true, true);
-      after = window.FreeSpeed.drawn.get(String(node.id));
-      if (after && !String(after.text).includes("…")) break;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    return { id: String(node.id), before, after };
-  });
+      const entry = window.FreeSpeed.previews.get(id);
+      const drawn = window.FreeSpeed.drawn.get(id);
+      return !!entry && !entry.pending && drawn?.tag === "preview" && drawn.text.startsWith(`preview: ${entry.text}`);
+    }, report.preview.id, { timeout: 30000, polling: 100 });
+    report.preview.after = await page.evaluate((id) => window.FreeSpeed.drawn.get(id), report.preview.id);
+  }
   const prev = path.join(outDir, "preview.png");
   await page.screenshot({ path: prev, clip });
   report.screenshots.push(prev);
 
   // 5. the template browser: the pack's category lists the workflows
-  report.templateDialog = { error: null, text: "" };
+  report.templateDialog = { error: null, text: "", cards: {} };
   try {
     await page.evaluate(() => window.comfyAPI.app.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
     const dialog = page.locator(".p-dialog").last();
     await dialog.waitFor({ state: "visible", timeout: 30000 });
     await dialog.getByText(spec.pack, { exact: false }).first().click({ timeout: 30000 });
-    await page.waitForTimeout(1500);
+    // the pack's cards carry their titles (web/templates.js) and thumbnails: wait for both on the first screen
+    await page.waitForFunction(() => {
+      const cards = [...document.querySelectorAll('.p-dialog [data-testid^="template-workflow-freespeed"]')];
+      const meta = window.FreeSpeedTemplates ?? {};
+      return cards.length > 0 && cards.every((c) => {
+        const m = meta[c.getAttribute("data-testid").slice("template-workflow-".length)];
+        const img = c.querySelector("img");
+        return m && c.querySelector("h3")?.textContent === m.title && (!img || img.complete);
+      });
+    }, null, { timeout: 30000, polling: 200 });
+    const tpl = path.join(outDir, "templates.png");
+    await page.screenshot({ path: tpl });
+    report.screenshots.push(tpl);
+    // what each of the pack's cards shows: title, description, thumbnail (loaded or not)
+    const cards = () => page.evaluate(() => Object.fromEntries(
+      [...document.querySelectorAll('.p-dialog [data-testid^="template-workflow-"]')].map((c) => {
+        const img = c.querySelector("img");
+        return [c.getAttribute("data-testid").slice("template-workflow-".length), {
+          title: c.querySelector("h3")?.textContent ?? null,
+          description: c.querySelector("h3 ~ p")?.textContent ?? c.querySelector("p")?.textContent ?? null,
+          thumbnail: img ? { src: img.getAttribute("src"), loaded: img.complete && img.naturalWidth > 0 } : null,
+        }];
+      })));
+    report.templateDialog.cards = await cards();
     // the grid renders lazily as it scrolls: collect its text while scrolling every scrollable part
     let seen = await dialog.innerText();
     for (let i = 0; i < 25; i++) {
@@ -172,12 +235,12 @@ try {
       });
       await page.waitForTimeout(400);
       seen += "\n" + (await dialog.innerText());
+      for (const [name, card] of Object.entries(await cards())) {
+        if (!report.templateDialog.cards[name]?.thumbnail?.loaded) report.templateDialog.cards[name] = card;
+      }
       if (!moved) break;
     }
     report.templateDialog.text = seen.slice(0, 60000);
-    const tpl = path.join(outDir, "templates.png");
-    await page.screenshot({ path: tpl });
-    report.screenshots.push(tpl);
   } catch (e) {
     report.templateDialog.error = String(e).slice(0, 1000);
   }

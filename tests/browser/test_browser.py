@@ -13,7 +13,15 @@ start and the frontend load.  ``run.mjs`` does the browser side and prints a JSO
    CLIPTextEncode, SaveLatent for VAEDecode -> SaveImage, 64² latent, 10 steps), is queued from the
    page; every FreeSpeed node receives ``freespeed.stats`` and draws its readout on the canvas;
    screenshots go to ``tests/browser/out/`` (``canvas.png``, ``readout.png``);
-4. changing T-GATE's ``gate`` widget redraws the schedule bar as a preview at once (``preview.png``).
+4. changing T-GATE's ``gate`` widget redraws the schedule bar as a preview (``preview.png``): the report
+   waits (polls, 30 s at most) until the server's preview answer is in and the canvas has drawn it;
+5. the template browser shows the pack's category with every workflow's title and description
+   (``web/templates.json``, written into the cards by ``web/templates.js``) and its thumbnail loaded
+   (``templates.png``).
+
+Each workflow's thumbnail (``<name>.jpg``, 512x384: the whole graph framed in the real UI, scaled down in
+the page) is written to ``tests/browser/out/workflows/``; ``make thumbnails`` (``FREESPEED_WRITE_THUMBNAILS=1``)
+copies them next to the workflows.
 """
 from __future__ import annotations
 
@@ -32,6 +40,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(HERE, "out")
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ENABLED = os.environ.get("FREESPEED_BROWSER") == "1"
+# `make thumbnails`: copy each workflow's template thumbnail (out/workflows/<name>.jpg) next to it
+WRITE_THUMBNAILS = os.environ.get("FREESPEED_WRITE_THUMBNAILS") == "1"
 STEPS = 10
 RUN_TIMEOUT_S = 300
 
@@ -43,7 +53,7 @@ if ENABLED:
     from conftest import HOST  # noqa: E402
     if HOST is None:
         pytest.skip("FreeSpeed browser test: no ComfyUI host found", allow_module_level=True)
-    from comfy_graph import CKPT_NAME, COND_NODE, LATENT_SIZE, PACK_DIR_NAME  # noqa: E402
+    from comfy_graph import CKPT_NAME, COND_NODE, LATENT_SIZE, PACK_DIR_NAME, template_meta  # noqa: E402
     from test_server import server  # noqa: E402,F401  (module fixture: real headless main.py with the pack)
 
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
@@ -122,11 +132,14 @@ def test_readout_appears_on_the_canvas(server):
     with open(os.path.join(OUT, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
 
-    # errors raised by our extension (the frontend's own start-up errors are only reported)
-    # (template thumbnails, <name>.jpg, are not shipped: the template browser's 404s for them are not errors here)
-    ours = [e for e in report["pageErrors"] + report["console"]
-            if "freespeed" in e.lower() and not (".jpg" in e and "workflow_templates" in e)]
+    # errors raised by our extension or a file of ours the page asked for (a missing thumbnail is a 404 here);
+    # the frontend's own start-up errors are only reported
+    ours = [e for e in report["pageErrors"] + report["console"] if "freespeed" in e.lower()]
     assert not ours, ours
+    if WRITE_THUMBNAILS:
+        for name in shipped:
+            shutil.copyfile(os.path.join(OUT, "workflows", f"{name}.jpg"),
+                            os.path.join(REPO, "workflows", f"{name}.jpg"))
     for name, res in report["shipped"].items():
         assert not res["missing"] and not res["mismatches"], (name, res)
         assert res["nodes"] == len(shipped[name]["nodes"]), (name, res)
@@ -148,9 +161,18 @@ def test_readout_appears_on_the_canvas(server):
     prev = report["preview"]
     assert prev["before"]["tag"] == "last run" and prev["after"]["tag"] == "preview", prev
     assert prev["after"]["text"].startswith("preview: gate at step 7/10"), prev
+    # the template browser shows every workflow with its title, description and thumbnail (web/templates.js)
     dialog = report["templateDialog"]
     assert dialog["error"] is None, dialog["error"]
-    shown = [n for n in shipped if n in dialog["text"]]
-    assert sorted(shown) == sorted(shipped), (shown, dialog["text"][:2000])
+    meta = template_meta()
+    missing = [n for n in shipped if meta[n]["title"] not in dialog["text"]]
+    assert not missing, (missing, dialog["text"][:2000])
+    for name in shipped:
+        card = dialog["cards"].get(name)
+        assert card, (name, sorted(dialog["cards"]))
+        assert card["title"] == meta[name]["title"] and card["description"] == meta[name]["description"], (name, card)
+        thumb = card["thumbnail"]
+        assert thumb and thumb["src"].endswith(f"/{PACK_DIR_NAME}/{name}.jpg"), (name, card)
+        assert thumb["loaded"] or WRITE_THUMBNAILS, (name, card)
     for p in report["screenshots"]:
         assert os.path.getsize(p) > 10_000, p
