@@ -53,19 +53,21 @@ try {
     return { x: rect.left, y: rect.top + 80, width: Math.min(rect.width, (x1 - x0) * scale + 40), height: Math.min(rect.height - 80, (y1 - y0) * scale + 40) };
   }, ids);
 
-  // a 4:3 JPEG of the whole graph (the template card shows 16rem x 12rem): framed into a 4:3 region of the
-  // canvas below the menu, screenshotted (DOM widgets included), scaled down in the page
+  // a square JPEG of the workflow (the template card's thumbnail box is square): its FreeSpeed nodes framed in
+  // the middle of a square region of the canvas below the menu (the rest of the graph around them, as far as it
+  // fits), screenshotted (DOM widgets included), scaled down to 512² in the page
   const thumbnail = async (file) => {
-    const box = { x: 60 + (1540 - 1088) / 2, y: 80, width: 1088, height: 816 };
+    const box = { x: 60 + (1540 - 816) / 2, y: 80, width: 816, height: 816 };
     await page.evaluate((box) => {
       const app = window.comfyAPI.app.app;
-      const nodes = app.graph._nodes;
+      const ours = app.graph._nodes.filter((n) => String(n.type).startsWith("FreeSpeed"));
+      const nodes = ours.length ? ours : app.graph._nodes;
       const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 20;
       const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 50;
       const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
       const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
       const rect = app.canvas.canvas.getBoundingClientRect();
-      const scale = Math.min(box.width / (x1 - x0), box.height / (y1 - y0));
+      const scale = Math.min(1.5, box.width / (x1 - x0), box.height / (y1 - y0));
       app.canvas.ds.scale = scale;
       app.canvas.ds.offset = [(box.x - rect.left + (box.width - (x1 - x0) * scale) / 2) / scale - x0,
                               (box.y - rect.top + (box.height - (y1 - y0) * scale) / 2) / scale - y0];
@@ -80,11 +82,11 @@ try {
       await img.decode();
       const c = document.createElement("canvas");
       c.width = 512;
-      c.height = 384;
+      c.height = 512;
       const ctx = c.getContext("2d");
       ctx.imageSmoothingQuality = "high";
       ctx.drawImage(img, 0, 0, c.width, c.height);
-      return c.toDataURL("image/jpeg", 0.82).split(",")[1];
+      return c.toDataURL("image/jpeg", 0.85).split(",")[1];
     }, `data:image/png;base64,${png.toString("base64")}`);
     fs.writeFileSync(file, Buffer.from(jpeg, "base64"));
   };
@@ -196,15 +198,19 @@ try {
     await dialog.waitFor({ state: "visible", timeout: 30000 });
     await dialog.getByText(spec.pack, { exact: false }).first().click({ timeout: 30000 });
     // the pack's cards carry their titles (web/templates.js) and thumbnails: wait for both on the first screen
+    // (the frontend's LazyImage: a card on screen shows its image once loaded, or an icon when it failed)
     await page.waitForFunction(() => {
       const cards = [...document.querySelectorAll('.p-dialog [data-testid^="template-workflow-freespeed"]')];
       const meta = window.FreeSpeedTemplates ?? {};
       return cards.length > 0 && cards.every((c) => {
         const m = meta[c.getAttribute("data-testid").slice("template-workflow-".length)];
         const img = c.querySelector("img");
-        return m && c.querySelector("h3")?.textContent === m.title && (!img || img.complete);
+        const onScreen = c.getBoundingClientRect().top < window.innerHeight;
+        const settled = !onScreen || c.querySelector(".pi-image") || (img?.complete && img.naturalWidth > 0);
+        return m && c.querySelector("h3")?.textContent === m.title && settled;
       });
     }, null, { timeout: 30000, polling: 200 });
+    await page.waitForTimeout(800);
     const tpl = path.join(outDir, "templates.png");
     await page.screenshot({ path: tpl });
     report.screenshots.push(tpl);
@@ -215,7 +221,7 @@ try {
         return [c.getAttribute("data-testid").slice("template-workflow-".length), {
           title: c.querySelector("h3")?.textContent ?? null,
           description: c.querySelector("h3 ~ p")?.textContent ?? c.querySelector("p")?.textContent ?? null,
-          thumbnail: img ? { src: img.getAttribute("src"), loaded: img.complete && img.naturalWidth > 0 } : null,
+          thumbnail: img ? { src: img.getAttribute("src"), loaded: img.complete && img.naturalWidth > 0 && getComputedStyle(img).display !== "none" } : null,
         }];
       })));
     report.templateDialog.cards = await cards();

@@ -19,7 +19,7 @@ start and the frontend load.  ``run.mjs`` does the browser side and prints a JSO
    (``web/templates.json``, written into the cards by ``web/templates.js``) and its thumbnail loaded
    (``templates.png``).
 
-Each workflow's thumbnail (``<name>.jpg``, 512x384: the whole graph framed in the real UI, scaled down in
+Each workflow's thumbnail (``<name>.jpg``, 512x512: the whole graph framed in the real UI, scaled down in
 the page) is written to ``tests/browser/out/workflows/``; ``make thumbnails`` (``FREESPEED_WRITE_THUMBNAILS=1``)
 copies them next to the workflows.
 """
@@ -134,12 +134,14 @@ def test_readout_appears_on_the_canvas(server):
 
     # errors raised by our extension or a file of ours the page asked for (a missing thumbnail is a 404 here);
     # the frontend's own start-up errors are only reported
-    ours = [e for e in report["pageErrors"] + report["console"] if "freespeed" in e.lower()]
-    assert not ours, ours
+    # (`make thumbnails` writes the thumbnails first: the browser's 404s for the missing ones are expected then)
     if WRITE_THUMBNAILS:
         for name in shipped:
             shutil.copyfile(os.path.join(OUT, "workflows", f"{name}.jpg"),
                             os.path.join(REPO, "workflows", f"{name}.jpg"))
+    ours = [e for e in report["pageErrors"] + report["console"] if "freespeed" in e.lower()
+            and not (WRITE_THUMBNAILS and ".jpg" in e)]
+    assert not ours, ours
     for name, res in report["shipped"].items():
         assert not res["missing"] and not res["mismatches"], (name, res)
         assert res["nodes"] == len(shipped[name]["nodes"]), (name, res)
@@ -171,8 +173,6 @@ def test_readout_appears_on_the_canvas(server):
         card = dialog["cards"].get(name)
         assert card, (name, sorted(dialog["cards"]))
         assert card["title"] == meta[name]["title"] and card["description"] == meta[name]["description"], (name, card)
-        thumb = card["thumbnail"]
-        assert thumb and thumb["src"].endswith(f"/{PACK_DIR_NAME}/{name}.jpg"), (name, card)
-        assert thumb["loaded"] or WRITE_THUMBNAILS, (name, card)
+        assert (card["thumbnail"] or {}).get("loaded") or WRITE_THUMBNAILS, (name, card)
     for p in report["screenshots"]:
         assert os.path.getsize(p) > 10_000, p

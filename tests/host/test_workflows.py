@@ -374,15 +374,16 @@ def test_workflow_uses_its_models_recommended_checkpoint(name):
 # ------------------------------------------------------------------------------------------------
 # the template browser
 # ------------------------------------------------------------------------------------------------
-# Its card shows a title (h3) and a description clamped to two lines of a 16rem card: both stay short
-TITLE_MAX, DESCRIPTION_MAX = 48, 125
-THUMB_SIZE, THUMB_MAX_BYTES = (512, 384), 60_000
+# Its card (16rem wide) shows a title over two lines at most and a description clamped to two lines (~62
+# characters; the whole text shows on hover); its thumbnail box is square (the image is fitted, not cropped)
+TITLE_MAX, DESCRIPTION_MAX = 40, 62
+THUMB_SIZE, THUMB_MAX_BYTES = (512, 512), 60_000
 
 
 def test_every_workflow_has_a_title_description_and_thumbnail():
     """web/templates.json (what web/templates.js writes into the browser's cards: ComfyUI 0.3.64 lists
     custom-node templates by file name only) names every workflow and nothing else, with a readable title
-    and a one-line description; every workflow has its <name>.jpg thumbnail (4:3, small; `make thumbnails`)."""
+    and a one-line description; every workflow has its <name>.jpg thumbnail (square, small; `make thumbnails`)."""
     from PIL import Image
 
     meta = template_meta()
