@@ -176,3 +176,42 @@ def test_readout_appears_on_the_canvas(server):
         assert (card["thumbnail"] or {}).get("loaded") or WRITE_THUMBNAILS, (name, card)
     for p in report["screenshots"]:
         assert os.path.getsize(p) > 10_000, p
+
+
+# FreeSpeed Auto in the browser (issue 23): a tiny search on the tiny checkpoint, deterministic cost
+AUTO_WIDGETS = {"seed": 0, "steps": 4, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "seeds": 1,
+                "budget": 3, "candidates": "FreeSpeed only", "cost": "flops", "save_as": ""}
+
+
+def test_auto_node_renders_and_shows_its_report(server):
+    """FreeSpeedAuto, built on the canvas from the node library, runs a tiny search (budget 3, one seed,
+    cost=flops) on the tiny checkpoint: the node draws its readout (the winner) and the report image it
+    outputs shows on the canvas (``auto.png``).  Skipped while the host has no FreeSpeedAuto node."""
+    info = server.get("/object_info/FreeSpeedAuto").json()
+    if "FreeSpeedAuto" not in info:
+        pytest.skip("FreeSpeedAuto is not a node of this pack yet")
+    names = set(info["FreeSpeedAuto"]["input"]["required"]) | set(info["FreeSpeedAuto"]["input"].get("optional", {}))
+    server.post("/settings/Comfy.TutorialCompleted", json=True)
+    os.makedirs(OUT, exist_ok=True)
+    spec_path = os.path.join(OUT, "spec_auto.json")
+    widgets = {k: v for k, v in AUTO_WIDGETS.items() if k in names}
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump({"auto": {"ckpt": CKPT_NAME, "cond": COND_NODE, "size": LATENT_SIZE, "widgets": widgets},
+                   "timeout_s": 240}, f)
+    proc = subprocess.run([shutil.which("node"), os.path.join(HERE, "run.mjs"), server.url, spec_path, OUT],
+                          cwd=HERE, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, f"run.mjs failed ({proc.returncode}):\n{proc.stderr[-4000:]}{server.log_tail()}"
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    with open(os.path.join(OUT, "report_auto.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    ours = [e for e in report["pageErrors"] + report["console"] if "freespeed" in e.lower()]
+    assert not ours, ours
+    auto = report["auto"]
+    assert not auto["errors"], f"{auto['errors']}{server.log_tail()}"
+    assert auto["type"] == "FreeSpeedAuto" and auto["size"][0] > 100 and auto["size"][1] > 100, auto
+    assert auto["readout"], auto
+    assert auto["drawn"] and auto["readout"] in auto["drawn"]["text"], auto      # the panel under the node
+    img = auto["image"]
+    assert img and img["width"] >= 256 and img["height"] >= 128, auto     # a readable chart, not a stub
+    for p in report["screenshots"]:
+        assert os.path.getsize(p) > 10_000, p
