@@ -194,7 +194,8 @@ def test_auto_node_renders_and_shows_its_report(server):
     server.post("/settings/Comfy.TutorialCompleted", json=True)
     os.makedirs(OUT, exist_ok=True)
     spec_path = os.path.join(OUT, "spec_auto.json")
-    widgets = {k: v for k, v in AUTO_WIDGETS.items() if k in names}
+    # (the seed's frontend-only control widget "fixed": the settings stay the run's, the panel shows "last run")
+    widgets = {**{k: v for k, v in AUTO_WIDGETS.items() if k in names}, "control_after_generate": "fixed"}
     with open(spec_path, "w", encoding="utf-8") as f:
         json.dump({"auto": {"ckpt": CKPT_NAME, "cond": COND_NODE, "size": LATENT_SIZE, "widgets": widgets},
                    "timeout_s": 240}, f)
@@ -210,7 +211,7 @@ def test_auto_node_renders_and_shows_its_report(server):
     assert not auto["errors"], f"{auto['errors']}{server.log_tail()}"
     assert auto["type"] == "FreeSpeedAuto" and auto["size"][0] > 100 and auto["size"][1] > 100, auto
     assert auto["readout"], auto
-    assert auto["drawn"] and auto["readout"] in auto["drawn"]["text"], auto      # the panel under the node
+    assert auto["drawn"] and auto["drawn"]["text"] == f"last run: {auto['readout']}", auto   # its canvas panel
     img = auto["image"]
     assert img and img["width"] >= 256 and img["height"] >= 128, auto     # a readable chart, not a stub
     for p in report["screenshots"]:
