@@ -36,44 +36,38 @@ try {
   await page.waitForTimeout(1000);
   await page.keyboard.press("Escape");
 
-  // frame all nodes (or the given ones) in the canvas; returns the screen rectangle they occupy
-  const frame = (ids) => page.evaluate((ids) => {
+  // place nodes centred in a screen box (default: the canvas below the menu), zoomed to fit (at most maxScale):
+  // ids = node ids, "freespeed" = the FreeSpeed nodes (all when there are none), null = all; returns the screen
+  // rectangle they occupy (with a margin)
+  const fit = (ids, box = null, maxScale = 1.25) => page.evaluate(({ ids, box, maxScale }) => {
     const app = window.comfyAPI.app.app;
-    const nodes = ids ? ids.map((id) => app.graph.getNodeById(id)) : app.graph._nodes;
+    const all = app.graph._nodes;
+    const ours = all.filter((n) => String(n.type).startsWith("FreeSpeed"));
+    const nodes = ids === "freespeed" ? (ours.length ? ours : all) : ids ? ids.map((id) => app.graph.getNodeById(id)) : all;
     const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 30;
     const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 60;
     const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 30;
     const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 30;
     const rect = app.canvas.canvas.getBoundingClientRect();
-    const scale = Math.min(1.25, (rect.width - 40) / (x1 - x0), (rect.height - 140) / (y1 - y0));
+    const b = box ?? { x: rect.left + 20, y: rect.top + 100, width: rect.width - 40, height: rect.height - 140 };
+    const scale = Math.min(maxScale, b.width / (x1 - x0), b.height / (y1 - y0));
+    const w = (x1 - x0) * scale;
+    const h = (y1 - y0) * scale;
+    const left = b.x + (b.width - w) / 2;
+    const top = b.y + (b.height - h) / 2;
     app.canvas.ds.scale = scale;
-    app.canvas.ds.offset = [-x0 + 20 / scale, -y0 + 100 / scale];
+    app.canvas.ds.offset = [(left - rect.left) / scale - x0, (top - rect.top) / scale - y0];
     app.canvas.setDirty(true, true);
     app.canvas.draw(true, true);
-    return { x: rect.left, y: rect.top + 80, width: Math.min(rect.width, (x1 - x0) * scale + 40), height: Math.min(rect.height - 80, (y1 - y0) * scale + 40) };
-  }, ids);
+    return { x: left, y: top, width: w, height: h };
+  }, { ids, box, maxScale });
 
   // a square JPEG of the workflow (the template card's thumbnail box is square): its FreeSpeed nodes framed in
   // the middle of a square region of the canvas below the menu (the rest of the graph around them, as far as it
   // fits), screenshotted (DOM widgets included), scaled down to 512² in the page
   const thumbnail = async (file) => {
     const box = { x: 60 + (1540 - 816) / 2, y: 80, width: 816, height: 816 };
-    await page.evaluate((box) => {
-      const app = window.comfyAPI.app.app;
-      const ours = app.graph._nodes.filter((n) => String(n.type).startsWith("FreeSpeed"));
-      const nodes = ours.length ? ours : app.graph._nodes;
-      const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 20;
-      const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 50;
-      const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
-      const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
-      const rect = app.canvas.canvas.getBoundingClientRect();
-      const scale = Math.min(1.5, box.width / (x1 - x0), box.height / (y1 - y0));
-      app.canvas.ds.scale = scale;
-      app.canvas.ds.offset = [(box.x - rect.left + (box.width - (x1 - x0) * scale) / 2) / scale - x0,
-                              (box.y - rect.top + (box.height - (y1 - y0) * scale) / 2) / scale - y0];
-      app.canvas.setDirty(true, true);
-      app.canvas.draw(true, true);
-    }, box);
+    await fit("freespeed", box, 1.5);
     await page.waitForTimeout(150);
     const png = await page.screenshot({ clip: box });
     const jpeg = await page.evaluate(async (src) => {
@@ -114,7 +108,7 @@ try {
         return out;
       }, wf);
       const shot = path.join(outDir, "workflows", `${name}.png`);
-      await frame(null);
+      await fit(null);
       await page.waitForTimeout(100);
       await page.screenshot({ path: shot });
       report.screenshots.push(shot);
@@ -144,7 +138,7 @@ try {
       { timeout },
     );
     // frame the FreeSpeed nodes and redraw
-    const clip = await frame(ids);
+    const clip = await fit(ids);
     await page.waitForTimeout(500);
     report.run = await page.evaluate((ids) => {
       const F = window.FreeSpeed;
@@ -303,7 +297,7 @@ try {
       return window.__fsErrors.length > 0 || (window.FreeSpeed.lastRun.has(ids.auto) && (loaded(ids.auto) || loaded(ids.preview)));
     };
     await page.waitForFunction(shown, ids, { timeout, polling: 250 });
-    const clip = await frame([Number(ids.auto), Number(ids.preview)]);
+    const clip = await fit([Number(ids.auto), Number(ids.preview)]);
     await page.waitForTimeout(300);
     report.auto = await page.evaluate((ids) => {
       const app = window.comfyAPI.app.app;
