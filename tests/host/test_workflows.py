@@ -9,7 +9,10 @@
   known gaps listed below; the stacked "maximum speed" workflow holds every technique;
 * the host serves them to the template browser (``/workflow_templates`` and
   ``/api/workflow_templates/<pack>/<name>.json``, ``app/custom_node_manager.py``; ComfyUI 0.3.64
-  accepts ``example_workflows``, ``example``, ``examples``, ``workflow`` and ``workflows``);
+  accepts ``example_workflows``, ``example``, ``examples``, ``workflow`` and ``workflows``), each with its
+  ``<name>.jpg`` thumbnail; every workflow has a readable title and a one-line description in
+  ``web/templates.json`` (shown in the browser's cards by ``web/templates.js``: the host lists custom-node
+  templates by file name only);
 * the API-format version of every workflow passes the host's own ``validate_prompt`` (checkpoint
   name swapped for the tiny test checkpoint), and the stacked workflow runs through the real
   ``PromptExecutor`` on the tiny checkpoint, each FreeSpeed node publishing its stats with the
