@@ -10,6 +10,7 @@ against the fewer-steps run of equal time on both axes, and the fixture's realis
 
 ``python -m bench sweep --technique NAME``: the tuning sweep (held-out prompts; :mod:`bench.sweep`).
 ``python -m bench speed [...]``: ToDo's attention-kernel measurement.
+``python -m bench auto --model fixture``: FreeSpeed Auto's search on a fixture (:mod:`bench.auto`).
 """
 from __future__ import annotations
 
@@ -175,6 +176,9 @@ def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "speed":
         return main_speed(argv[1:], t_start)
+    if argv and argv[0] == "auto":
+        from .auto import main as main_auto
+        return main_auto(argv[1:], t_start, _setup)
     if argv and argv[0] == "sweep":
         from .sweep import main as main_sweep
         return main_sweep(argv[1:], t_start, _setup)

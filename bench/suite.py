@@ -65,10 +65,8 @@ def _stacked(m):
 
 def _peer(module: str, cls: str, **kw):
     def apply(m):
-        import importlib
-        node = getattr(importlib.import_module(module), cls)
-        out = node.execute(m, **kw)
-        return out.result[0] if hasattr(out, "result") else out[0]      # HyperTile returns a plain tuple
+        from comfyui_freespeed.nodes.builtins import run_model_node
+        return run_model_node(module, cls, m, **kw)
     return apply
 
 

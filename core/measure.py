@@ -123,6 +123,60 @@ def speed_ratio(base_times: Sequence[float], patched_times: Sequence[float]) -> 
     return median(base_times) / p
 
 
+MIN_TIMED_ROUNDS = 3          # a time verdict needs at least this many interleaved rounds
+CURVE_KINDS = ("fewer_steps", "baseline")
+
+
+def timing_check(rows: Sequence[Mapping], min_rounds: int = MIN_TIMED_ROUNDS, times_key: str = "times_s",
+                 curve_kinds: tuple = CURVE_KINDS, rel_tol: float = 0.02) -> tuple[bool, str]:
+    """Whether a timing is consistent enough to give time verdicts: ``(ok, why)``.
+
+    ``rows`` are dicts with ``kind``, ``steps`` and the per-round seconds ``times_key``; the step-count
+    curve (``curve_kinds``: the fewer-steps runs and the full run) is the self-check, because its cost
+    is known up to two constants (t(s) = a + b·s):
+
+    1. at least ``min_rounds`` interleaved rounds for every curve row;
+    2. the curve's medians grow with their step count: a smaller count is never slower than a larger
+       one by more than the measured spread (half the two rows' round ranges, at least ``rel_tol``);
+    3. the full run is not an outlier against the fewer-steps runs: its median is within the spread
+       (its own half range + the curve's mean half range, at least ``rel_tol``) of the line a + b·s
+       fitted through the fewer-steps medians (a line through the origin when there is only one).
+    """
+    curve = sorted((r for r in rows if r.get("kind") in curve_kinds and r.get(times_key)), key=lambda r: r["steps"])
+    if not curve:
+        return False, "no timed step-count curve (baseline and fewer-steps rows)"
+    rounds = min(len(r[times_key]) for r in curve)
+    if rounds < min_rounds:
+        return False, f"{rounds} timing round{'s' if rounds != 1 else ''}; a time verdict needs at least {min_rounds}"
+    if len(curve) < 2:
+        return False, "a single step count: nothing to check the timing against"
+    med = {r["steps"]: median(r[times_key]) for r in curve}
+    half = {r["steps"]: (max(r[times_key]) - min(r[times_key])) / 2 for r in curve}
+    for lo, hi in zip(curve, curve[1:]):
+        a, b = lo["steps"], hi["steps"]
+        slack = max(half[a] + half[b], rel_tol * med[b])
+        if med[a] > med[b] + slack:
+            return False, (f"{a} steps took {med[a]:.2f} s but {b} steps {med[b]:.2f} s "
+                           f"(spread ±{slack:.2f} s): the timing does not grow with the step count")
+    full = [r for r in curve if r.get("kind") == "baseline"]
+    fewer = [r for r in curve if r.get("kind") != "baseline"]
+    if full and fewer:
+        s0 = full[0]["steps"]
+        xs = [r["steps"] for r in fewer]
+        ys = [med[s] for s in xs]
+        if len(set(xs)) >= 2:
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            pred = my + b * (s0 - mx)
+        else:
+            pred = ys[0] * s0 / xs[0]
+        slack = max(half[s0] + sum(half[s] for s in xs) / len(xs), rel_tol * pred)
+        if abs(med[s0] - pred) > slack:
+            return False, (f"the full run ({s0} steps) took {med[s0]:.2f} s where the fewer-steps runs predict "
+                           f"{pred:.2f} s ± {slack:.2f} s: an outlier, every ratio against it would be off")
+    return True, f"{rounds} rounds; the step-count curve is consistent"
+
+
 # ------------------------------------------------------------------------------------------------
 # fidelity
 # ------------------------------------------------------------------------------------------------
@@ -240,5 +294,5 @@ def compare_with_fewer_steps(rows: list[dict], metric: str = "psnr_db", verdict_
 
 
 __all__ = ["BASE", "PATCHED", "want_another_round", "Rounds", "timed_rounds", "median",
-           "speed_ratio", "data_range", "psnr", "ssim", "fewer_steps_counts", "match_fewer_steps",
+           "speed_ratio", "MIN_TIMED_ROUNDS", "timing_check", "data_range", "psnr", "ssim", "fewer_steps_counts", "match_fewer_steps",
            "compare_with_fewer_steps"]

@@ -289,6 +289,8 @@ def annotate(stats: dict[str, Any]) -> dict[str, Any]:
     """``{"readout": str, "segments": [...], "speedup_est": float | None}`` for one run's stats."""
     s = stats if isinstance(stats, dict) else {}
     known = RULES.get(str(s.get("technique", "")))
+    if known is None and isinstance(s.get("readout"), str):       # nodes that word their own line (FreeSpeed Auto)
+        return {"readout": s["readout"], "segments": [], "speedup_est": None}
     text, segs, est = known[1](known[0].from_dict(s)) if known else _generic(s)
     if "wall_s" in s:
         text = f"{text}{SEP}{_num(s, 'wall_s'):.2f} s"

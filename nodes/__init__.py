@@ -7,10 +7,11 @@ from typing_extensions import override
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .routes import register_with_server
+from .auto import AutoNode, PresetNode
 from .benchmark import BenchmarkNode
 from .registry import node_classes
 
-NODES: list[type[io.ComfyNode]] = [*node_classes(), BenchmarkNode]
+NODES: list[type[io.ComfyNode]] = [*node_classes(), BenchmarkNode, AutoNode, PresetNode]
 register_with_server()          # the schedule preview route, when a ComfyUI server is running
 
 

@@ -157,3 +157,52 @@ def test_fewer_steps_counts_spread_below_the_full_count():
     assert all(c < 8 for c in measure.fewer_steps_counts(8))
     assert measure.fewer_steps_counts(2) == []
     assert measure.fewer_steps_counts(4) == [2, 3]
+
+
+def _curve(base, fewer, extra=()):
+    """Rows of a step-count curve: ``base`` = (steps, times), ``fewer`` = [(steps, times), ...]."""
+    rows = [{"kind": "baseline", "steps": base[0], "times_s": list(base[1])}]
+    rows += [{"kind": "fewer_steps", "steps": s, "times_s": list(t)} for s, t in fewer]
+    return rows + [{"kind": "freespeed", "steps": base[0], "times_s": list(t)} for t in extra]
+
+
+def _linear(steps, a=0.5, b=1.0, jitter=(0.0, 0.03, -0.02)):
+    return [a + b * steps + j for j in jitter]
+
+
+def test_timing_check_passes_a_consistent_curve():
+    rows = _curve((20, _linear(20)), [(s, _linear(s)) for s in (5, 8, 10, 14, 19)], extra=[[3.0, 9.0, 1.0]])
+    ok, why = measure.timing_check(rows)
+    assert ok, why
+    assert "3 rounds" in why
+
+
+def test_timing_check_needs_three_rounds():
+    rows = _curve((20, _linear(20)[:2]), [(s, _linear(s)[:2]) for s in (5, 10, 19)])
+    ok, why = measure.timing_check(rows)
+    assert not ok and "2 timing rounds" in why and "at least 3" in why
+    ok, why = measure.timing_check(_curve((20, [20.5]), [(10, [10.5])]))
+    assert not ok and "1 timing round;" in why
+
+
+def test_timing_check_catches_a_slow_baseline():
+    """The issue's run: 20 steps 55.7 s, 19 steps 49.3 s, 16 steps 39.5 s -- monotone, but the full run
+    is ~6% slower than the fewer-steps runs predict (the first row measured was slow)."""
+    tight = (0.0, 0.1, -0.1)
+    rows = _curve((20, [55.7 + j for j in tight]), [(19, [49.3 + j for j in tight]), (16, [39.5 + j for j in tight])])
+    ok, why = measure.timing_check(rows)
+    assert not ok and "outlier" in why and "20 steps" in why
+    # the same medians with a spread wide enough to cover the gap: consistent within the measured spread
+    wide = (0.0, 4.0, -4.0)
+    rows = _curve((20, [55.7 + j for j in wide]), [(19, [49.3 + j for j in wide]), (16, [39.5 + j for j in wide])])
+    assert measure.timing_check(rows)[0]
+
+
+def test_timing_check_catches_a_curve_that_does_not_grow_with_steps():
+    fewer = [(s, _linear(s)) for s in (5, 10, 19)]
+    fewer[1] = (10, [21.0, 21.1, 20.9])            # 10 steps slower than 19 steps (a busy round)
+    ok, why = measure.timing_check(_curve((20, _linear(20)), fewer))
+    assert not ok and "10 steps" in why and "does not grow" in why
+    # one fewer-steps run: the full run is checked against the line through the origin
+    assert measure.timing_check(_curve((20, _linear(20, a=0)), [(10, _linear(10, a=0))]))[0]
+    assert not measure.timing_check(_curve((20, _linear(20, a=0)), [(10, _linear(5, a=0))]))[0]
