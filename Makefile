@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench test-core test-browser clean
+.PHONY: setup test bench test-core test-browser thumbnails clean
 
 setup:
 	@VENV=$(VENV) ./.ci/setup
@@ -23,6 +23,10 @@ test-browser: setup
 	@test -x "$${CHROMIUM_PATH:-/usr/bin/chromium}" || { echo "test-browser needs Chromium: apt-get install -y chromium chromium-driver (or set CHROMIUM_PATH)"; exit 1; }
 	cd tests/browser && npm install --no-audit --no-fund
 	FREESPEED_BROWSER=1 $(PY) -m pytest tests/browser $(PYTEST_ARGS)
+
+# the workflows' template-browser thumbnails (workflows/<name>.jpg), screenshots of each loaded in the real UI
+thumbnails:
+	FREESPEED_WRITE_THUMBNAILS=1 $(MAKE) test-browser
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

@@ -127,7 +127,7 @@ function drawPanel(node, ctx) {
   const useRun = run && run.sig === sig && Array.isArray(run.segments) && run.segments.length;
   const preview = previewSegments(node);
   const segs = useRun ? run.segments : preview.segments;
-  const tag = useRun ? "last run" : "preview";
+  const tag = fresh ? "last run" : "preview"; // a run's readout is labelled as such, bar or no bar (FreeSpeed Auto)
   ctx.save();
   // bar
   const x0 = PAD;

@@ -13,7 +13,15 @@ start and the frontend load.  ``run.mjs`` does the browser side and prints a JSO
    CLIPTextEncode, SaveLatent for VAEDecode -> SaveImage, 64² latent, 10 steps), is queued from the
    page; every FreeSpeed node receives ``freespeed.stats`` and draws its readout on the canvas;
    screenshots go to ``tests/browser/out/`` (``canvas.png``, ``readout.png``);
-4. changing T-GATE's ``gate`` widget redraws the schedule bar as a preview at once (``preview.png``).
+4. changing T-GATE's ``gate`` widget redraws the schedule bar as a preview (``preview.png``): the report
+   waits (polls, 30 s at most) until the server's preview answer is in and the canvas has drawn it;
+5. the template browser shows the pack's category with every workflow's title and description
+   (``web/templates.json``, written into the cards by ``web/templates.js``) and its thumbnail loaded
+   (``templates.png``).
+
+Each workflow's thumbnail (``<name>.jpg``, 512x512: the whole graph framed in the real UI, scaled down in
+the page) is written to ``tests/browser/out/workflows/``; ``make thumbnails`` (``FREESPEED_WRITE_THUMBNAILS=1``)
+copies them next to the workflows.
 """
 from __future__ import annotations
 
@@ -32,6 +40,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(HERE, "out")
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ENABLED = os.environ.get("FREESPEED_BROWSER") == "1"
+# `make thumbnails`: copy each workflow's template thumbnail (out/workflows/<name>.jpg) next to it
+WRITE_THUMBNAILS = os.environ.get("FREESPEED_WRITE_THUMBNAILS") == "1"
 STEPS = 10
 RUN_TIMEOUT_S = 300
 
@@ -43,7 +53,7 @@ if ENABLED:
     from conftest import HOST  # noqa: E402
     if HOST is None:
         pytest.skip("FreeSpeed browser test: no ComfyUI host found", allow_module_level=True)
-    from comfy_graph import CKPT_NAME, COND_NODE, LATENT_SIZE, PACK_DIR_NAME  # noqa: E402
+    from comfy_graph import CKPT_NAME, COND_NODE, LATENT_SIZE, PACK_DIR_NAME, template_meta  # noqa: E402
     from test_server import server  # noqa: E402,F401  (module fixture: real headless main.py with the pack)
 
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
@@ -122,10 +132,15 @@ def test_readout_appears_on_the_canvas(server):
     with open(os.path.join(OUT, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
 
-    # errors raised by our extension (the frontend's own start-up errors are only reported)
-    # (template thumbnails, <name>.jpg, are not shipped: the template browser's 404s for them are not errors here)
-    ours = [e for e in report["pageErrors"] + report["console"]
-            if "freespeed" in e.lower() and not (".jpg" in e and "workflow_templates" in e)]
+    # errors raised by our extension or a file of ours the page asked for (a missing thumbnail is a 404 here);
+    # the frontend's own start-up errors are only reported
+    # (`make thumbnails` writes the thumbnails first: the browser's 404s for the missing ones are expected then)
+    if WRITE_THUMBNAILS:
+        for name in shipped:
+            shutil.copyfile(os.path.join(OUT, "workflows", f"{name}.jpg"),
+                            os.path.join(REPO, "workflows", f"{name}.jpg"))
+    ours = [e for e in report["pageErrors"] + report["console"] if "freespeed" in e.lower()
+            and not (WRITE_THUMBNAILS and ".jpg" in e)]
     assert not ours, ours
     for name, res in report["shipped"].items():
         assert not res["missing"] and not res["mismatches"], (name, res)
@@ -148,9 +163,56 @@ def test_readout_appears_on_the_canvas(server):
     prev = report["preview"]
     assert prev["before"]["tag"] == "last run" and prev["after"]["tag"] == "preview", prev
     assert prev["after"]["text"].startswith("preview: gate at step 7/10"), prev
+    # the template browser shows every workflow with its title, description and thumbnail (web/templates.js)
     dialog = report["templateDialog"]
     assert dialog["error"] is None, dialog["error"]
-    shown = [n for n in shipped if n in dialog["text"]]
-    assert sorted(shown) == sorted(shipped), (shown, dialog["text"][:2000])
+    meta = template_meta()
+    missing = [n for n in shipped if meta[n]["title"] not in dialog["text"]]
+    assert not missing, (missing, dialog["text"][:2000])
+    for name in shipped:
+        card = dialog["cards"].get(name)
+        assert card, (name, sorted(dialog["cards"]))
+        assert card["title"] == meta[name]["title"] and card["description"] == meta[name]["description"], (name, card)
+        assert (card["thumbnail"] or {}).get("loaded") or WRITE_THUMBNAILS, (name, card)
+    for p in report["screenshots"]:
+        assert os.path.getsize(p) > 10_000, p
+
+
+# FreeSpeed Auto in the browser (issue 23): a tiny search on the tiny checkpoint, deterministic cost
+AUTO_WIDGETS = {"seed": 0, "steps": 4, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "seeds": 1,
+                "budget": 3, "candidates": "FreeSpeed only", "cost": "flops", "save_as": ""}
+
+
+def test_auto_node_renders_and_shows_its_report(server):
+    """FreeSpeedAuto, built on the canvas from the node library, runs a tiny search (budget 3, one seed,
+    cost=flops) on the tiny checkpoint: the node draws its readout (the winner) and the report image it
+    outputs shows on the canvas (``auto.png``).  Skipped while the host has no FreeSpeedAuto node."""
+    info = server.get("/object_info/FreeSpeedAuto").json()
+    if "FreeSpeedAuto" not in info:
+        pytest.skip("FreeSpeedAuto is not a node of this pack yet")
+    names = set(info["FreeSpeedAuto"]["input"]["required"]) | set(info["FreeSpeedAuto"]["input"].get("optional", {}))
+    server.post("/settings/Comfy.TutorialCompleted", json=True)
+    os.makedirs(OUT, exist_ok=True)
+    spec_path = os.path.join(OUT, "spec_auto.json")
+    # (the seed's frontend-only control widget "fixed": the settings stay the run's, the panel shows "last run")
+    widgets = {**{k: v for k, v in AUTO_WIDGETS.items() if k in names}, "control_after_generate": "fixed"}
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump({"auto": {"ckpt": CKPT_NAME, "cond": COND_NODE, "size": LATENT_SIZE, "widgets": widgets},
+                   "timeout_s": 240}, f)
+    proc = subprocess.run([shutil.which("node"), os.path.join(HERE, "run.mjs"), server.url, spec_path, OUT],
+                          cwd=HERE, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, f"run.mjs failed ({proc.returncode}):\n{proc.stderr[-4000:]}{server.log_tail()}"
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    with open(os.path.join(OUT, "report_auto.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    ours = [e for e in report["pageErrors"] + report["console"] if "freespeed" in e.lower()]
+    assert not ours, ours
+    auto = report["auto"]
+    assert not auto["errors"], f"{auto['errors']}{server.log_tail()}"
+    assert auto["type"] == "FreeSpeedAuto" and auto["size"][0] > 100 and auto["size"][1] > 100, auto
+    assert auto["readout"], auto
+    assert auto["drawn"] and auto["drawn"]["text"] == f"last run: {auto['readout']}", auto   # its canvas panel
+    img = auto["image"]
+    assert img and img["width"] >= 256 and img["height"] >= 128, auto     # a readable chart, not a stub
     for p in report["screenshots"]:
         assert os.path.getsize(p) > 10_000, p

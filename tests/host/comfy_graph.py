@@ -18,6 +18,7 @@ test_server.py: a headless ``main.py``).
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Optional
@@ -28,6 +29,9 @@ CKPT_NAME = "freespeed_tiny_sd15.safetensors"
 COND_NODE = "FreeSpeedTestConditioning"
 COND_NODE_FILE = "freespeed_test_conditioning.py"
 PACK_DIR_NAME = "comfyui-freespeed"
+# titles and descriptions of the workflows in the template browser (web/templates.js shows them)
+TEMPLATES_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "web", "templates.json")
 LATENT_SIZE = 64          # pixels -> 8x8 latent, 64 tokens per self-attention
 STEPS = 4
 
@@ -167,6 +171,12 @@ def read_latent(path: str) -> torch.Tensor:
     """The ``latent_tensor`` SaveLatent wrote (a safetensors file with a ``.latent`` suffix)."""
     import safetensors.torch
     return safetensors.torch.load_file(path, device="cpu")["latent_tensor"]
+
+
+def template_meta() -> dict:
+    """workflow name -> {"title", "description"} (web/templates.json)."""
+    with open(TEMPLATES_JSON, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def free_port() -> int:

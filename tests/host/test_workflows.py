@@ -9,7 +9,10 @@
   known gaps listed below; the stacked "maximum speed" workflow holds every technique;
 * the host serves them to the template browser (``/workflow_templates`` and
   ``/api/workflow_templates/<pack>/<name>.json``, ``app/custom_node_manager.py``; ComfyUI 0.3.64
-  accepts ``example_workflows``, ``example``, ``examples``, ``workflow`` and ``workflows``);
+  accepts ``example_workflows``, ``example``, ``examples``, ``workflow`` and ``workflows``), each with its
+  ``<name>.jpg`` thumbnail; every workflow has a readable title and a one-line description in
+  ``web/templates.json`` (shown in the browser's cards by ``web/templates.js``: the host lists custom-node
+  templates by file name only);
 * the API-format version of every workflow passes the host's own ``validate_prompt`` (checkpoint
   name swapped for the tiny test checkpoint), and the stacked workflow runs through the real
   ``PromptExecutor`` on the tiny checkpoint, each FreeSpeed node publishing its stats with the
@@ -42,7 +45,8 @@ import execution
 import folder_paths
 import nodes
 
-from comfy_graph import CKPT_NAME, COND_NODE, LATENT_SIZE, PACK_DIR_NAME, read_latent, saved_latent_path
+from comfy_graph import (CKPT_NAME, COND_NODE, LATENT_SIZE, PACK_DIR_NAME, read_latent, saved_latent_path,
+                         template_meta)
 from conftest import REPO
 from test_graph import _Server, host  # noqa: F401  (module fixture: pack + test node loaded by ComfyUI's loader)
 
@@ -373,6 +377,36 @@ def test_workflow_uses_its_models_recommended_checkpoint(name):
 # ------------------------------------------------------------------------------------------------
 # the template browser
 # ------------------------------------------------------------------------------------------------
+# Its card (16rem wide) shows a title over two lines at most and a description clamped to two lines (~62
+# characters; the whole text shows on hover); its thumbnail box is square (the image is fitted, not cropped)
+TITLE_MAX, DESCRIPTION_MAX = 40, 62
+THUMB_SIZE, THUMB_MAX_BYTES = (512, 512), 60_000
+
+
+def test_every_workflow_has_a_title_description_and_thumbnail():
+    """web/templates.json (what web/templates.js writes into the browser's cards: ComfyUI 0.3.64 lists
+    custom-node templates by file name only) names every workflow and nothing else, with a readable title
+    and a one-line description; every workflow has its <name>.jpg thumbnail (square, small; `make thumbnails`)."""
+    from PIL import Image
+
+    meta = template_meta()
+    assert sorted(meta) == NAMES, sorted(set(meta) ^ set(NAMES))
+    titles = [m["title"] for m in meta.values()]
+    assert len(set(titles)) == len(titles), "two workflows share a title"
+    for name, m in meta.items():
+        assert set(m) == {"title", "description"}, (name, m)
+        title, desc = m["title"].strip(), m["description"].strip()
+        assert 8 <= len(title) <= TITLE_MAX and "_" not in title and title != name, (name, title)
+        assert 20 <= len(desc) <= DESCRIPTION_MAX and "\n" not in desc and desc != title, (name, desc)
+        thumb = os.path.join(WORKFLOWS_DIR, name + ".jpg")
+        assert os.path.isfile(thumb), f"{name}: no thumbnail {thumb} (make thumbnails)"
+        assert os.path.getsize(thumb) <= THUMB_MAX_BYTES, (name, os.path.getsize(thumb))
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and im.size == THUMB_SIZE, (name, im.format, im.size)
+    stray = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOWS_DIR, "*.jpg"))}
+    assert stray <= set(NAMES), stray - set(NAMES)
+
+
 def test_host_serves_the_workflows_as_templates(host):
     """app/custom_node_manager.py's routes, in-process: the listing names every workflow under the pack
     folder's name and each file is served as stored."""
@@ -398,6 +432,9 @@ def test_host_serves_the_workflows_as_templates(host):
                 r = await client.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
                 assert r.status == 200, (name, r.status)
                 assert json.loads(await r.text()) == load(os.path.join(WORKFLOWS_DIR, name + ".json"))
+                # the thumbnail the browser asks for (<name>.jpg, frontend 1.27 getTemplateThumbnailUrl)
+                r = await client.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg")
+                assert r.status == 200 and r.content_type == "image/jpeg", (name, r.status, r.content_type)
 
     try:
         asyncio.run(check())
