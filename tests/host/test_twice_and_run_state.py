@@ -27,7 +27,7 @@ STEPS = 3
 REPLACING = ("atedm", "encprop")          # applied twice, the later replaces the earlier
 # cases owned by the ToDo / T-GATE / Map Reuse helper (issue 21, 21B): see /work/coord/21a-for-21b.md
 XFAIL_TWICE: dict = {("flux", "tgate"): "T-GATE applied twice on Flux: RuntimeError 'upper bound and lower bound "
-                                         "inconsistent with step sign' in nodes/tgate_dit.py (issue 21, 21B's part)"}
+                                         "inconsistent with step sign' in nodes/tgate/dit.py (issue 21, 21B's part)"}
 XFAIL_TENSORS: dict = {}
 
 
