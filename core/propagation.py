@@ -320,6 +320,29 @@ def front_blocks(total: int, fraction: float) -> int:
     return max(1, min(total - 1, int(round(float(fraction) * total))))
 
 
+# DiT defaults (issue 21; docs/dit-defaults.md): Delta-DiT caches the front blocks only in the late stage of
+# sampling (arXiv 2406.01125, Sec. 4), with a refresh interval N = 2 (its mild setting; FORA uses N = 3) and,
+# like DBCache / EasyCache, a warm-up of full steps.  Key steps are *added* to the chosen schedule: every step
+# before DIT_WARMUP and every DIT_EVERY-th step from it on.
+DIT_WARMUP = 0.5
+DIT_EVERY = 2
+
+
+def warmup_keys(schedule: RunSchedule, warmup: float, every: int) -> set[int]:
+    """Key steps a DiT run adds to its schedule: every step before ``warmup`` percent of denoising and, from the
+    first step at or past it, every ``every``-th step (0: none).  ``warmup`` 0 and ``every`` 0 add nothing."""
+    total = schedule.total_steps
+    if warmup <= 0.0:
+        first = 0
+    else:
+        at = percents_to_steps([warmup], schedule)
+        first = at[0] if at else total
+    out = set(range(first))
+    if every > 0:
+        out |= set(range(first, total, every))
+    return out
+
+
 class DeltaCache:
     """The residual the front blocks added at the last key step, per conditioning branch and stream
     (``{"img": [per, L, C], "txt": ...}`` or, when the front range ends inside Flux's single blocks,
@@ -367,4 +390,4 @@ class DeltaCache:
 __all__ = ["PAPER_KEY_STEPS_50", "PAPER_STEPS", "PAPER_INJECTION", "PAPER_INJECTION_START", "SCHEDULES", "SCHEDULE_LABELS",
            "paper_key_percents", "every_k_steps", "key_steps", "plan_parallel", "injection_active",
            "injection_delta", "control_branches", "without_control", "InjectionSteps", "repeat_batch", "Features", "FeatureCache", "OutputCache",
-           "PAPER_DIT_FRONT", "front_blocks", "DeltaCache"]
+           "PAPER_DIT_FRONT", "front_blocks", "DIT_WARMUP", "DIT_EVERY", "warmup_keys", "DeltaCache"]

@@ -103,7 +103,8 @@ class TokenLayout:
     self-attention sequence: Wan, PixArt); ``groups``: the image token groups in sequence order (the
     sampled latent and any reference latents, e.g. Flux Kontext / Qwen edit images, Wan's reference
     frame), ``main`` the sampled latent's group; ``txt_first``: text precedes the image tokens.
-    ``control``: the blocks after which a full-length ControlNet residual is added (block kind, index).
+    ``control``: the blocks after which a full-length residual is added (block kind, index): a ControlNet
+    residual, or a model's own hint (Wan VACE, Wan Animate's face adapter, Qwen-Image block patches).
     """
     family: str
     txt: int = 0

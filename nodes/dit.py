@@ -52,9 +52,28 @@ def _control_blocks(control, family: str) -> frozenset:
     return frozenset(out)
 
 
-def layout_for_call(info: ModelInfo, dm, x: torch.Tensor, c_crossattn, control, kwargs: dict) -> Optional[TokenLayout]:
+def _hint_blocks(family: str, dm, kwargs: dict, to: Optional[dict]) -> frozenset:
+    """(block kind, index) of the blocks after which the model itself adds a full-length stream inside the block
+    stack (not a ControlNet): Wan VACE's hints (``vace_layers_mapping``), Wan Animate's face adapter (every 5th
+    block, with face pixels), Qwen-Image's ``double_block`` patches (e.g. the block-wise DiffSynth ControlNet of
+    ``comfy_extras/nodes_model_patch.py``, after every block).  Pruned ranges end before them (issue 21)."""
+    if family == "wan":
+        mapping = getattr(dm, "vace_layers_mapping", None)
+        if isinstance(mapping, dict) and kwargs.get("vace_context") is not None:
+            return frozenset(("block", int(i)) for i in mapping)
+        if getattr(dm, "face_adapter", None) is not None and kwargs.get("face_pixel_values") is not None:
+            return frozenset(("block", i) for i in range(len(dm.blocks)) if i % 5 == 0)
+    if family == "qwen" and ((to or {}).get("patches") or {}).get("double_block"):
+        return frozenset(("block", i) for i in range(len(dm.transformer_blocks)))
+    return frozenset()
+
+
+def layout_for_call(info: ModelInfo, dm, x: torch.Tensor, c_crossattn, control, kwargs: dict,
+                    to: Optional[dict] = None) -> Optional[TokenLayout]:
     """The token layout of one model call (``x``: the latent APPLY_MODEL gets), or None when unknown."""
     fam = info.family
+    hints = _hint_blocks(fam, dm, kwargs, to)
+    control = _control_blocks(control, fam) | hints
     txt = int(c_crossattn.shape[1]) if torch.is_tensor(c_crossattn) and c_crossattn.ndim == 3 else 0
     try:
         if fam == "flux" and x.ndim == 4:
@@ -62,18 +81,18 @@ def layout_for_call(info: ModelInfo, dm, x: torch.Tensor, c_crossattn, control, 
             groups = [Grid(1, _ceil(x.shape[-2], p), _ceil(x.shape[-1], p))]
             for ref in kwargs.get("ref_latents") or ():
                 groups.append(Grid(1, _ceil(ref.shape[-2], p), _ceil(ref.shape[-1], p)))
-            return TokenLayout("flux", txt, tuple(groups), 0, True, _control_blocks(control, fam))
+            return TokenLayout("flux", txt, tuple(groups), 0, True, control)
         if fam == "sd3" and x.ndim == 4:
             p = int(dm.x_embedder.patch_size[0])
             txt += int(getattr(dm, "register_length", 0) or 0)
             return TokenLayout("sd3", txt, (Grid(1, _ceil(x.shape[-2], p), _ceil(x.shape[-1], p)),), 0, True,
-                               _control_blocks(control, fam))
+                               control)
         if fam == "qwen" and x.ndim in (4, 5):
             p = int(getattr(dm, "patch_size", 2))
             groups = [Grid(1, _ceil(x.shape[-2], p), _ceil(x.shape[-1], p))]
             for ref in kwargs.get("ref_latents") or ():
                 groups.append(Grid(1, _ceil(ref.shape[-2], p), _ceil(ref.shape[-1], p)))
-            return TokenLayout("qwen", txt, tuple(groups), 0, True, _control_blocks(control, fam))
+            return TokenLayout("qwen", txt, tuple(groups), 0, True, control)
         if fam == "wan" and x.ndim == 5:
             pt, ph, pw = (int(v) for v in dm.patch_size)
             frames = _ceil(x.shape[2], pt)
@@ -84,14 +103,24 @@ def layout_for_call(info: ModelInfo, dm, x: torch.Tensor, c_crossattn, control, 
             ref = kwargs.get("reference_latent")
             if getattr(dm, "ref_conv", None) is not None and torch.is_tensor(ref):
                 groups.insert(0, Grid(1, int(ref.shape[-2]) // ph, int(ref.shape[-1]) // pw))
-                return TokenLayout("wan", 0, tuple(groups), 1, True)
-            return TokenLayout("wan", 0, tuple(groups), 0, True)
+                return TokenLayout("wan", 0, tuple(groups), 1, True, control)
+            return TokenLayout("wan", 0, tuple(groups), 0, True, control)
         if fam == "pixart" and x.ndim == 4:
             p = int(getattr(dm, "patch_size", 2))
             return TokenLayout("pixart", 0, (Grid(1, int(x.shape[-2]) // p, int(x.shape[-1]) // p),), 0, True)
     except (AttributeError, TypeError, ValueError, IndexError):
         return None
     return None
+
+
+def skipped_blocks(dm) -> frozenset:
+    """(block kind, index) of the blocks a model skips on every call: Chroma's ``skip_mmdit`` (double blocks) and
+    ``skip_dit`` (single blocks) lists; their block replaces are never called."""
+    out = set()
+    for attr, kind in (("skip_mmdit", "double"), ("skip_dit", "single")):
+        for i in getattr(dm, attr, None) or ():
+            out.add((kind, int(i)))
+    return frozenset(out)
 
 
 def apply_args(args: tuple, kwargs: dict) -> dict:
@@ -118,7 +147,7 @@ def with_layout(info: ModelInfo, dm, x: torch.Tensor, args: tuple, kwargs: dict)
     if layout is not None:
         return args, kwargs, layout
     extra = {k: v for k, v in kwargs.items() if k not in APPLY_NAMES}
-    layout = layout_for_call(info, dm, x, vals.get("c_crossattn"), vals.get("control"), extra)
+    layout = layout_for_call(info, dm, x, vals.get("c_crossattn"), vals.get("control"), extra, to)
     if layout is None:
         return args, kwargs, None
     args, kwargs = with_transformer_options(args, kwargs, {**to, LAYOUT_KEY: layout})
@@ -259,6 +288,6 @@ def pixels(layout: TokenLayout) -> tuple[int, int]:
     return g.h * 16, g.w * 16
 
 
-__all__ = ["LAYOUT_KEY", "BLOCK_KEY", "DIT_FAMILIES", "layout_for_call", "apply_args", "with_transformer_options",
+__all__ = ["LAYOUT_KEY", "BLOCK_KEY", "DIT_FAMILIES", "layout_for_call", "skipped_blocks", "apply_args", "with_transformer_options",
            "with_layout", "layout_of", "block_of", "tagged_args", "tag_blocks", "block_order", "AttnCall",
            "parse_attention", "sequence_kind", "key_sequence_kind", "select_mask_columns", "pixels"]

@@ -145,6 +145,16 @@ class Technique(Generic[RunT]):
         self.install(m)
         return m
 
+    def replace_earlier(self, model) -> None:
+        """Applied twice to one MODEL, the later node replaces the earlier: the earlier installation's wrappers
+        are removed, so it never gets a run and its other hooks pass through (one warning)."""
+        if not installed(model, self.key):
+            return
+        for kind in list(model.wrappers):
+            model.remove_wrappers_with_key(kind, self.key)
+        logger.warning("FreeSpeed %s: applied twice to the same MODEL; the later node's settings replace the "
+                       "earlier's", self.name)
+
     def install(self, model) -> None:
         """Add the run wrappers to a (cloned) ModelPatcher; subclasses add their hooks after this."""
         model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, self.key, self._outer_sample)

@@ -28,6 +28,17 @@ FAMILY_LABELS = {"sd1": "SD1.x/SD2.x", "sdxl": "SDXL", "flux": "Flux", "sd3": "S
                  "wan": "Wan", "qwen": "Qwen-Image", "other": "other"}
 # comfy.model_base class names (any in the MRO) -> family; first match wins
 _DIT_FAMILIES = (("Flux", "flux"), ("SD3", "sd3"), ("PixArt", "pixart"), ("WAN21", "wan"), ("QwenImage", "qwen"))
+# comfy.model_base classes of those families that every FreeSpeed node refuses, by class name (any in the MRO) ->
+# why; docs/dit-support.md is the table of every class (tests/host/test_dit_model_classes.py keeps them in step)
+REFUSED_CLASSES = {
+    "WAN22_S2V": "Wan 2.2 S2V's blocks get no transformer_options (WanModel_S2V.forward_orig in "
+                 "comfy/ldm/wan/model.py), so no attention override and no block tag reaches them: the nodes would "
+                 "silently do nothing, and its audio injector adds full-length residuals after blocks.",
+    "ChromaRadiance": "Chroma Radiance works in pixel space (16x16-pixel patches decoded by a NeRF head); FreeSpeed's "
+                      "token layouts, resolution bands and DiT defaults are untested on it.",
+    "WAN21_HuMo": "Wan HuMo's audio cross-attention inside each block regroups the image tokens per frame and its "
+                  "reference latent is appended after the video tokens; FreeSpeed's token layout does not know either.",
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class ModelInfo:
     block_level: dict = field(default_factory=dict)       # UNet block -> resolution level (1 = full latent)
     block_depth: dict = field(default_factory=dict)       # UNet block -> transformer depth
     attention_levels: tuple = ()                  # resolution levels that hold attention, ascending
+    refused: str = ""                             # why every node refuses this model class (REFUSED_CLASSES)
 
     @property
     def label(self) -> str:
@@ -101,6 +113,9 @@ def detect_model(model) -> ModelInfo:
                 depth[(part, i)] = len(ts[0].transformer_blocks)
         return ModelInfo("sdxl" if sdxl else "sd1", model_class, dm_class, levels, depth,
                          tuple(sorted(set(levels.values()))))
+    refused = next((REFUSED_CLASSES[n] for n in names if n in REFUSED_CLASSES), "")
+    if refused:
+        return ModelInfo("other", model_class, dm_class, refused=refused)
     for cls, family in _DIT_FAMILIES:
         if cls in names:
             return ModelInfo(family, model_class, dm_class)
@@ -113,7 +128,8 @@ class UnsupportedModelError(ValueError):
 
 def unsupported(technique: str, info: ModelInfo, why: str, supported: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"FreeSpeed {technique}: {info.model_class} ({info.label}, diffusion model "
-                                 f"{info.diffusion_class}) is not supported. {why} Supported: {supported}.")
+                                 f"{info.diffusion_class}) is not supported. {info.refused or why} "
+                                 f"Supported: {supported}.")
 
 
 def require_unet(info: ModelInfo, technique: str, why: str) -> None:
@@ -289,7 +305,7 @@ def add_attention_override(model, mine: Callable) -> None:
     to["optimized_attention_override"] = chain_attention_override(to.get("optimized_attention_override"), mine)
 
 
-__all__ = ["FAMILY_LABELS", "ModelInfo", "detect_model", "UnsupportedModelError", "unsupported", "require_unet",
+__all__ = ["FAMILY_LABELS", "REFUSED_CLASSES", "ModelInfo", "detect_model", "UnsupportedModelError", "unsupported", "require_unet",
            "AttentionSite", "attention_sites", "StackSite", "layer_shape", "transformer_stacks", "unet_inventory",
            "BlockSite", "block_sites", "dit_block_shapes", "forward_is_patched", "patch_forward", "chain_attention_override",
            "with_attention_override", "add_attention_override", "add_block_replace", "mro_names"]

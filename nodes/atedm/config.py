@@ -28,6 +28,7 @@ class ATEDMConfig:
     dit_start: float = 0.25            # DiTs: the pruned range of blocks, as fractions of the blocks (forward order)
     dit_end: float = 0.75
     recovery: str = "similar"          # DiTs: "similar" (most-attended kept token's residual) | "previous" (own, last step)
+    dit_warmup: float = 0.3            # DiTs: no pruning before this percent of denoising (CAT: 8 of 28 steps full)
 
     def __post_init__(self):
         DSAP(self.ratio, self.dsap_end, self.early_scale)       # validates
@@ -37,6 +38,8 @@ class ATEDMConfig:
             raise ValueError("FreeSpeed AT-EDM: the map budget must be positive")
         if not 0.0 <= self.dit_start < self.dit_end <= 1.0:
             raise ValueError("FreeSpeed AT-EDM: the DiT block range needs 0 <= start < end <= 1")
+        if not 0.0 <= self.dit_warmup <= 1.0:
+            raise ValueError("FreeSpeed AT-EDM: the DiT warm-up must be in [0, 1]")
         if self.recovery not in RECOVERY:
             raise ValueError(f"FreeSpeed AT-EDM: recovery must be one of {', '.join(RECOVERY)}")
 

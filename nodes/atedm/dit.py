@@ -24,7 +24,7 @@ import comfy.patcher_extension as pe
 from ...core.batch import BatchLayout
 from ...core.pruning import (dit_block_flops, dit_ranking_flops, gather_rows, gather_tokens, kept_count,
     sampled_gwpr_scores, scatter_back, select_kept, similar_source, strided_rows)
-from ..dit import apply_args, block_order, parse_attention, sequence_kind, tagged_args, with_layout
+from ..dit import apply_args, block_order, parse_attention, sequence_kind, skipped_blocks, tagged_args, with_layout
 from ..hooks import installed, logger
 from ..sites import add_attention_override, add_block_replace, block_sites, dit_block_shapes, patch_forward
 from .config import ATEDMRun
@@ -65,9 +65,10 @@ class ATEDMDiT(ATEDM):
         self.shapes = {}
         self.start = self.end = 0
         self.dm = None
-        self.last_ranking: dict = {}                  # the latest call's kept set and scores (tests, debugging)
+        self.ranking_probe = None         # optional callable(dict of the call's kept set and scores): tests, debugging
 
     def install(self, model) -> None:
+        self.replace_earlier(model)
         super(ATEDM, self).install(model)                 # run wrappers only
         self.dm = model.model.diffusion_model
         self.sites = block_sites(model, self.info)
@@ -104,13 +105,14 @@ class ATEDMDiT(ATEDM):
         if ev is None:
             return executor(x, t, *args, **kwargs)
         args, kwargs, layout = with_layout(self.info, self.dm, x, args, kwargs)
+        skipped = skipped_blocks(self.dm)
         vals = apply_args(args, kwargs)
         ctx = vals.get("c_crossattn")
         n_ctx = int(ctx.shape[1]) if torch.is_tensor(ctx) and ctx.ndim == 3 else 0
         call = None
         if layout is not None and not self.config.off:
             call = self._plan(run, ev.info.percent, layout, BatchLayout.from_options(vals.get("transformer_options"),
-                                                                                       x.shape[0]), kwargs)
+                                                                                       x.shape[0]), kwargs, skipped)
         prev, run.call = run.call, call
         try:
             return executor(x, t, *args, **kwargs)
@@ -118,14 +120,19 @@ class ATEDMDiT(ATEDM):
             run.call = prev
             self._finish_call(run, call, layout, int(x.shape[0]), n_ctx)
 
-    def _plan(self, run, percent: float, layout, batch: BatchLayout, kwargs) -> Optional[PruneCall]:
+    def _plan(self, run, percent: float, layout, batch: BatchLayout, kwargs, skipped=frozenset()) -> Optional[PruneCall]:
         cfg, st = self.config, run.stats
         early = percent < cfg.dsap_end
-        ratio = cfg.dsap.ratio_at(percent, edge=False)
+        ratio = 0.0 if percent < cfg.dit_warmup else cfg.dsap.ratio_at(percent, edge=False)   # warm-up: full steps
         rank, last = self.start, self.end - 1
         if early:
             rank, last = rank + 1, last - 1             # DSAP: the range's first and last blocks are spared early
         order = block_order(self.sites)
+        gone = {order[c] for c in skipped if c in order}      # Chroma's skip lists: those blocks never run
+        while rank in gone:
+            rank += 1
+        while last in gone:
+            last -= 1
         controls = sorted(order[c] for c in layout.control if c in order and order[c] >= rank)
         if controls:
             if controls[0] == rank:
@@ -143,7 +150,7 @@ class ATEDMDiT(ATEDM):
     def _override(self, call_next, func, *args, **kwargs):
         a = parse_attention(args, kwargs)
         pc = a.transformer_options.get(RANK) if a is not None else None
-        if pc is None or pc.kept is not None:
+        if pc is None or pc.kept is not None or self.run is None or pc is not self.run.call:
             return call_next(func, *args, **kwargs)
         kind = sequence_kind(a, pc.layout)
         if kind is not None:
@@ -174,7 +181,8 @@ class ATEDMDiT(ATEDM):
                                     .contiguous()).clamp_(max=kept.shape[1] - 1)
         source[:, off:off + g.n] = pos_main.gather(1, src_main)
         pc.kept, pc.source = kept, source
-        self.last_ranking = {"kept": kept, "kept_main": kept_main, "source": source, "scores": scores}
+        if self.ranking_probe is not None:          # nothing is kept on the technique: no tensor outlives a run
+            self.ranking_probe({"kept": kept, "kept_main": kept_main, "source": source, "scores": scores})
 
     # -- the blocks ----------------------------------------------------------------------------------------
     def _step(self, pos: int, img: torch.Tensor, run_block, pc: PruneCall):

@@ -69,6 +69,9 @@ class ATEDMNode(FreeSpeedNode):
                                tooltip="DiTs: a pruned token gets its own input plus the residual the range added to "
                                        "the kept token it attends to most (similar, the paper's idea), or to itself "
                                        "at the previous step (previous; falls back to similar)."),
+                io.Float.Input("dit_warmup_percent", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="DiTs: nothing is pruned before this percent of denoising (published DiT "
+                                       "pruning keeps the first steps full: CAT 8 of 28, RAS from step 4)."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -76,8 +79,8 @@ class ATEDMNode(FreeSpeedNode):
 
     @classmethod
     def execute(cls, model, ratio, dsap_end_percent, early_scale, levels, map_budget_mb=2048, dit_range_start=0.25,
-                dit_range_end=0.75, recovery="similar") -> io.NodeOutput:
+                dit_range_end=0.75, recovery="similar", dit_warmup_percent=0.3) -> io.NodeOutput:
         config = ATEDMConfig(float(ratio), float(dsap_end_percent), float(early_scale), LEVEL_CHOICES[levels],
                              map_budget_mb=float(map_budget_mb), dit_start=float(dit_range_start),
-                             dit_end=float(dit_range_end), recovery=recovery)
+                             dit_end=float(dit_range_end), recovery=recovery, dit_warmup=float(dit_warmup_percent))
         return io.NodeOutput(apply_atedm(model, config, node_id=cls.node_id()))

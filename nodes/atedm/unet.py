@@ -31,6 +31,7 @@ class ATEDM(Technique[ATEDMRun]):
         self.inventory = None
 
     def install(self, model) -> None:
+        self.replace_earlier(model)
         super().install(model)
         model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
         pruned = set() if self.config.off else {id(s.module) for s in self.stacks}
@@ -141,9 +142,10 @@ class ATEDM(Technique[ATEDMRun]):
         s = run.stats
         control = getattr(s, "stack_calls_left_control", 0)
         if control:
-            logger.warning("FreeSpeed AT-EDM: %d block-range calls ran unpruned because a ControlNet adds its residual "
-                           "to the first block of the pruned range (pruned tokens would miss it); move the range with "
-                           "dit_range_start/end to blocks without ControlNet residuals", control)
+            logger.warning("FreeSpeed AT-EDM: %d block-range calls ran unpruned because a full-length residual (a "
+                           "ControlNet, Wan VACE hints, Wan Animate's face adapter, a Qwen-Image block patch) is added "
+                           "after the first block of the pruned range (pruned tokens would miss it); move the range "
+                           "with dit_range_start/end to blocks without such residuals", control)
         if not (s.stack_calls_left_kv_changed or s.stack_calls_left_no_map):
             return
         try:

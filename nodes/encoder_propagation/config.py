@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ...core.propagation import (PAPER_DIT_FRONT, PAPER_INJECTION, PAPER_INJECTION_START, SCHEDULES, FeatureCache,
+from ...core.propagation import (DIT_EVERY, DIT_WARMUP, PAPER_DIT_FRONT, PAPER_INJECTION, PAPER_INJECTION_START, SCHEDULES, FeatureCache,
     InjectionSteps, OutputCache)
 from ...core.stats import EncoderPropagationStats
 from ..hooks import Run
@@ -28,6 +28,9 @@ class EncoderPropagationConfig:
     injection_start: float = PAPER_INJECTION_START
     controlnet: str = "reuse"              # "reuse" | "skip"
     dit_front: float = PAPER_DIT_FRONT     # DiTs: the fraction of the blocks (forward order) that is the "encoder"
+    noise_on_flow: bool = False            # inject prior noise on flow-matching models too (tuned on SD's DDIM: off)
+    dit_warmup: float = DIT_WARMUP         # DiTs: every step before this percent is a key step (Delta-DiT: late only)
+    dit_every: int = DIT_EVERY             # DiTs: from dit_warmup on, every n-th step is a key step too (0 = none)
 
     def __post_init__(self):
         name = "FreeSpeed Encoder Propagation"
@@ -41,6 +44,8 @@ class EncoderPropagationConfig:
             raise ValueError(f"{name}: max parallel steps must be >= 1")
         if self.noise_injection < 0:
             raise ValueError(f"{name}: noise injection must be >= 0 (0 = off)")
+        if not 0.0 <= self.dit_warmup <= 1.0 or self.dit_every < 0:
+            raise ValueError(f"{name}: the DiT warm-up must be in [0, 1] and the DiT key interval >= 0")
         if not 0.0 < self.dit_front < 1.0:
             raise ValueError(f"{name}: the DiT front fraction must be in (0, 1)")
         if self.controlnet not in CONTROLNET_MODES:
@@ -71,3 +76,18 @@ class EncPropRun(Run[EncoderPropagationStats]):
     parallel_peak_bytes: int = 0
     injection: InjectionSteps = field(default_factory=InjectionSteps)
     z: Optional[torch.Tensor] = None
+    strength: float = 0.0                               # the prior-noise strength of this run (0: no injection)
+
+
+def is_flow_matching(model_sampling) -> bool:
+    """Whether a model samples by flow matching (ComfyUI's ``CONST`` sampling: Flux, SD3, Wan, Qwen-Image...)."""
+    return model_sampling is not None and any(c.__name__ == "CONST" for c in type(model_sampling).__mro__)
+
+
+def injection_strength(cfg: EncoderPropagationConfig, model_sampling, propagate: bool) -> float:
+    """The prior-noise strength of a run: none when no step is propagated (the injection compensates propagated
+    steps, Sec. 3.4; every step a key step = the unpatched model exactly), none on flow-matching models unless
+    asked for (the paper's 0.003 was tuned for DDIM on SD's epsilon-prediction), else the configured one."""
+    if not propagate or (is_flow_matching(model_sampling) and not cfg.noise_on_flow):
+        return 0.0
+    return float(cfg.noise_injection)

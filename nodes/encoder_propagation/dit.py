@@ -21,11 +21,11 @@ import torch
 import comfy.patcher_extension as pe
 
 from ...core.batch import BatchLayout
-from ...core.propagation import DeltaCache, front_blocks
-from ..dit import apply_args
+from ...core.propagation import DeltaCache, front_blocks, warmup_keys
+from ..dit import apply_args, skipped_blocks
 from ..hooks import RunContext, Technique, installed, logger
 from ..sites import BlockSite, add_block_replace, block_sites, patch_forward
-from .config import EncPropRun
+from .config import EncPropRun, injection_strength
 from .unet import EncoderPropagation
 
 FULL, KEY, PROPAGATE = "full", "key", "propagate"
@@ -39,6 +39,8 @@ class FrontCall:
     step: int
     in0: Optional[dict] = None
     delta: Optional[dict] = None
+    first: int = 0                  # the first and last front blocks that run in this call (Chroma skip lists)
+    last: int = -1
 
 
 @dataclass
@@ -58,15 +60,16 @@ class EncPropDiT(EncoderPropagation):
         super().__init__(config, info, node_id)
         self.front: list[BlockSite] = []
         self.total = 0
+        self.dm = None
 
     def install(self, model) -> None:
-        for t in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.APPLY_MODEL, pe.WrappersMP.PREDICT_NOISE):
-            model.remove_wrappers_with_key(t, self.key)
+        self.replace_earlier(model)             # applied twice: the later node replaces the earlier
         Technique.install(self, model)          # run wrappers; PREDICT_NOISE: prior noise injection (evaluate)
         sites = block_sites(model, self.info)
+        self.dm = model.model.diffusion_model
         self.total = len(sites)
         n_front = front_blocks(len(sites), self.config.dit_front)
-        pruned = min((t.start for t in installed(model) if hasattr(t, "last_ranking")), default=n_front)
+        pruned = min((t.start for t in installed(model, "freespeed.atedm") if hasattr(t, "sites")), default=n_front)
         if pruned < n_front:                   # AT-EDM prunes from that block on: the front stops before it
             logger.warning("FreeSpeed %s: AT-EDM prunes from block %d on; the propagated front is blocks 0-%d "
                            "instead of 0-%d", self.name, pruned, pruned - 1, n_front - 1)
@@ -86,9 +89,14 @@ class EncPropDiT(EncoderPropagation):
 
     def new_run(self, ctx: RunContext) -> EncPropDiTRun:
         base = super().new_run(ctx)
+        cfg = self.config
+        keys = base.keys | warmup_keys(ctx.schedule, cfg.dit_warmup, cfg.dit_every)    # DiT defaults: late only
+        propagate = any(s not in keys for s in range(ctx.schedule.total_steps))
+        strength = injection_strength(cfg, ctx.model_sampling, propagate)
         base.stats.max_parallel = 1
         base.stats.front_blocks = f"{len(self.front)}/{self.total}"
-        return EncPropDiTRun(base.ctx, base.stats, keys=base.keys, propagate=base.propagate)
+        base.stats.noise_injection = strength
+        return EncPropDiTRun(base.ctx, base.stats, keys=keys, propagate=propagate, strength=strength)
 
     # -- the call's decision -------------------------------------------------------------------------------
     def _apply_model(self, executor, x, t, *args, **kwargs):
@@ -106,7 +114,12 @@ class EncPropDiT(EncoderPropagation):
             st.full_unkeyed_calls += 1
         else:
             mode = KEY if info.step in run.keys else PROPAGATE
-        call = FrontCall(mode, layout, info.step)
+        gone = skipped_blocks(self.dm)
+        running = [i for i, s in enumerate(self.front) if (s.kind, s.index) not in gone]
+        if not running:
+            mode = FULL
+        call = FrontCall(mode, layout, info.step, first=running[0] if running else 0,
+                         last=running[-1] if running else -1)
         prev, run.call = run.call, call
         try:
             return executor(x, t, *args, **kwargs)
@@ -125,11 +138,11 @@ class EncPropDiT(EncoderPropagation):
         call = run.call if run is not None else None
         if call is None or call.mode == FULL:
             return run_original()
-        last = i == len(self.front) - 1
-        if i == 0:
+        last = i == call.last
+        if i == call.first:
             call.in0 = {k: v.clone() for k, v in streams.items() if torch.is_tensor(v)}
             if call.mode == PROPAGATE:
-                base = self._as_kind(call.in0, site.kind if last else self.front[-1].kind)
+                base = self._as_kind(call.in0, self.front[call.last].kind)
                 per = call.layout.per
                 call.delta = run.deltas.get(call.layout.uuids, per,
                                             {k: (per,) + tuple(v.shape[1:]) for k, v in base.items()})

@@ -5,7 +5,7 @@ from typing import Optional
 
 from comfy_api.v0_0_2 import io
 
-from ...core.propagation import PAPER_DIT_FRONT, PAPER_INJECTION, PAPER_INJECTION_START, SCHEDULE_LABELS
+from ...core.propagation import DIT_EVERY, DIT_WARMUP, PAPER_DIT_FRONT, PAPER_INJECTION, PAPER_INJECTION_START, SCHEDULE_LABELS
 from ...core.schedule import parse_percent_list
 from ..hooks import CATEGORY, FreeSpeedNode
 from ..sites import detect_model, unsupported
@@ -50,7 +50,8 @@ class EncoderPropagationNode(FreeSpeedNode):
                                        "70%), so other step counts hit the same points. every k steps: steps 0, k, "
                                        "2k... custom percents: the list below. The first step is always a key step."),
                 io.Int.Input("every_k", default=4, min=1, max=50,
-                             tooltip="For 'every k steps': a key step every k steps (1 = every step, nothing skipped)."),
+                             tooltip="For 'every k steps': a key step every k steps (1 = off: every step a key step, no "
+                                     "noise injection, the unpatched model exactly)."),
                 io.String.Input("key_percents", default="0, 2, 4, 6, 10, 20, 30, 50, 70",
                                 tooltip="For 'custom percents': key steps as percents of denoising; each maps to the "
                                         "first step of the run at or past it."),
@@ -72,6 +73,16 @@ class EncoderPropagationNode(FreeSpeedNode):
                                tooltip="DiTs only: the fraction of the blocks (in forward order; Flux: double then "
                                        "single blocks) that form the propagated front (the paper's DiT: 18 of 28 = "
                                        "0.643). More = faster and further from the full model."),
+                io.Float.Input("dit_warmup_percent", default=DIT_WARMUP, min=0.0, max=1.0, step=0.01,
+                               tooltip="DiTs only: every step before this percent of denoising runs every block (a key "
+                                       "step); the front is propagated only later (Delta-DiT caches the front blocks "
+                                       "only late in sampling). 0 = follow the schedule from the start."),
+                io.Int.Input("dit_key_every", default=DIT_EVERY, min=0, max=50,
+                             tooltip="DiTs only: from the warm-up on, every n-th step is a key step as well (Delta-DiT's "
+                                     "interval N=2; FORA uses 3). 0 = only the schedule's key steps."),
+                io.Boolean.Input("noise_injection_on_flow", default=False,
+                                 tooltip="Also inject prior noise on flow-matching models (Flux, SD3, Wan, Qwen-Image,"
+                                         " ...). Off by default: the paper tuned 0.003 for DDIM on SD."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -79,9 +90,11 @@ class EncoderPropagationNode(FreeSpeedNode):
 
     @classmethod
     def execute(cls, model, schedule, every_k, key_percents, max_parallel_steps, noise_injection, injection_start,
-                controlnet, dit_front_blocks=PAPER_DIT_FRONT) -> io.NodeOutput:
+                controlnet, dit_front_blocks=PAPER_DIT_FRONT, dit_warmup_percent=DIT_WARMUP, dit_key_every=DIT_EVERY,
+                noise_injection_on_flow=False) -> io.NodeOutput:
         mode = SCHEDULE_LABELS.get(schedule, schedule)
         percents = tuple(parse_percent_list(key_percents)) if mode == "custom" else ()
         config = EncoderPropagationConfig(mode, int(every_k), percents, int(max_parallel_steps), float(noise_injection),
-                                          float(injection_start), controlnet, float(dit_front_blocks))
+                                          float(injection_start), controlnet, float(dit_front_blocks),
+                                          bool(noise_injection_on_flow), float(dit_warmup_percent), int(dit_key_every))
         return io.NodeOutput(apply_encoder_propagation(model, config, node_id=cls.node_id()))

@@ -17,7 +17,7 @@ from ...core.propagation import (Features, control_branches, injection_active, i
 from ...core.stats import EncoderPropagationStats
 from ..hooks import Evaluation, RunContext, Technique, logger
 from ..sites import ModelInfo
-from .config import EncPropRun, EncoderPropagationConfig
+from .config import EncPropRun, EncoderPropagationConfig, injection_strength
 from .unet_decoder import Capture, decode_steps, decoder_pass
 
 
@@ -46,13 +46,15 @@ class EncoderPropagation(Technique[EncPropRun]):
     def new_run(self, ctx: RunContext) -> EncPropRun:
         cfg = self.config
         keys = set(key_steps(ctx.schedule, cfg.schedule, cfg.every_k, cfg.key_percents))
+        propagate = any(s not in keys for s in range(ctx.schedule.total_steps))
+        strength = injection_strength(cfg, ctx.model_sampling, propagate)
         return EncPropRun(ctx, EncoderPropagationStats(schedule=cfg.schedule_label, max_parallel=cfg.max_parallel,
-                                                       noise_injection=cfg.noise_injection, controlnet=cfg.controlnet),
-                          keys=keys, propagate=any(s not in keys for s in range(ctx.schedule.total_steps)))
+                                                       noise_injection=strength, controlnet=cfg.controlnet),
+                          keys=keys, propagate=propagate, strength=strength)
 
     # -- prior noise injection (PREDICT_NOISE) ------------------------------------------------------
     def evaluate(self, run: EncPropRun, ev: Evaluation, executor, x, timestep, *args, **kwargs):
-        if self.config.noise_injection > 0:
+        if run.strength > 0:
             self._inject(run, ev, x)
         return executor(x, timestep, *args, **kwargs)
 
@@ -74,7 +76,7 @@ class EncoderPropagation(Technique[EncPropRun]):
             ms = run.ctx.model_sampling
             scale = 1.0 if ms is None else float(
                 ms.calculate_input(torch.tensor([info.sigma]), torch.ones(1, 1, 1, 1)).flatten()[0])
-            x.add_(injection_delta(run.z, self.config.noise_injection, scale))
+            x.add_(injection_delta(run.z, run.strength, scale))
             run.injection.done(info.step)
 
     # -- ControlNet: skip it at evaluations that will be served decoder-only ------------------------

@@ -211,3 +211,13 @@ def test_output_cache_per_step_and_branch():
     assert not oc.has(7, ["u"]) and oc.has(7, ["c"]) and oc.steps() == [7]
     oc.drop_before(8)
     assert oc.steps() == [] and oc.bytes == 0
+
+
+def test_dit_warmup_keys_add_full_steps_before_the_warmup_and_every_nth_after():
+    from comfyui_freespeed.core.propagation import warmup_keys
+    s = RunSchedule([10.0 - i for i in range(11)], lambda p: 10.0 * (1 - p))     # 10 steps, step i at i / 10
+    assert warmup_keys(s, 0.5, 2) == {0, 1, 2, 3, 4, 5, 7, 9}                    # full to 50%, then N = 2
+    assert warmup_keys(s, 0.5, 3) == {0, 1, 2, 3, 4, 5, 8}                       # FORA's N = 3
+    assert warmup_keys(s, 0.5, 0) == {0, 1, 2, 3, 4}
+    assert warmup_keys(s, 0.0, 0) == set()                                      # nothing added: the schedule alone
+    assert warmup_keys(s, 1.0, 2) == set(range(10))

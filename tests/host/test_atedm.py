@@ -229,7 +229,8 @@ def test_v3_node_schema_and_execute(sd15):
     assert schema.node_id == "FreeSpeedATEDM" and schema.category == "model_patches/freespeed"
     assert schema.display_name == "FreeSpeed AT-EDM (attention-driven pruning)"
     assert [i.id for i in schema.inputs] == ["model", "ratio", "dsap_end_percent", "early_scale", "levels",
-                                             "map_budget_mb", "dit_range_start", "dit_range_end", "recovery"]
+                                             "map_budget_mb", "dit_range_start", "dit_range_end", "recovery",
+                                             "dit_warmup_percent"]
     from comfy_api.v0_0_2 import io
     node = ATEDMNode.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "77"})
     patched = node.execute(sd15.model, 0.5, 0.0, 0.5, "1", 2048).result[0]

@@ -94,14 +94,14 @@ def test_flux_controlnet_residuals_with_every_node():
         m = apply(t.model)
         finite_and_clean(m, sample(m, t, 16, 16, steps=STEPS, positive=pos))
     inner = KernelSpy()
-    m = apply_atedm(inner.install(t.model), ATEDMConfig(ratio=0.5, dsap_end=0.0, dit_start=0.2, dit_end=1.0))
+    m = apply_atedm(inner.install(t.model), ATEDMConfig(ratio=0.5, dsap_end=0.0, dit_start=0.2, dit_end=1.0, dit_warmup=0.0))
     finite_and_clean(m, sample(m, t, 16, 16, steps=STEPS, positive=pos, cfg=1.0))
     full, pruned = 77 + 64, 77 + 32
     model_calls = [c["n_q"] for c in inner.calls if c["layout"] is not None]      # not the ControlNet's own
     assert model_calls[:5] == [full, full, pruned, full, full] and model_calls.count(pruned) == STEPS
     # ComfyUI repeats a real Flux ControlNet's residuals over every block: nothing can be pruned, counted
     pos = with_control(t.cond(1), tiny_flux_controlnet(cover_all=True), torch.randn(1, 16, 16, 16))
-    m = apply_atedm(t.model, ATEDMConfig(ratio=0.5, dsap_end=0.0, dit_start=0.2, dit_end=1.0))
+    m = apply_atedm(t.model, ATEDMConfig(ratio=0.5, dsap_end=0.0, dit_start=0.2, dit_end=1.0, dit_warmup=0.0))
     finite_and_clean(m, sample(m, t, 16, 16, steps=STEPS, positive=pos, cfg=1.0))
     s = find(m, "freespeed.atedm").last_stats
     assert s["stack_calls_pruned"] == 0 and s["stack_calls_left_control"] == STEPS

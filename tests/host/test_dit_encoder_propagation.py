@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit_helpers import FAMILIES, run, tiny
+from dit_helpers import FAMILIES, run, sigmas, tiny
 
 from comfyui_freespeed.core.propagation import front_blocks
 from comfyui_freespeed.nodes.encoder_propagation import EncoderPropagationConfig, apply_encoder_propagation
@@ -13,7 +13,7 @@ from comfyui_freespeed.nodes.hooks import find
 from comfyui_freespeed.nodes.sites import block_sites, detect_model
 
 STEPS = 6
-EVERY2 = EncoderPropagationConfig(schedule="every_k", every_k=2, noise_injection=0.0)
+EVERY2 = EncoderPropagationConfig(schedule="every_k", every_k=2, noise_injection=0.0, dit_warmup=0.0, dit_every=0)
 
 
 def stats(m):
@@ -68,16 +68,40 @@ def test_front_blocks_run_at_key_steps_only_and_the_residual_is_added_to_the_cur
 
 
 def test_branches_are_kept_apart_and_runs_reset():
-    m = apply_encoder_propagation(tiny("wan").model, EVERY2)
-    a = run(m, "wan", STEPS, cfg=5.0)
-    b = run(m, "wan", STEPS, cfg=5.0)
-    assert torch.equal(a, b) and stats(m)["feature_cache_peak_mb"] > 0
-    one = run(apply_encoder_propagation(tiny("wan").model, EVERY2), "wan", STEPS, cfg=1.0)
-    assert not torch.equal(one, a)
+    from comfyui_freespeed.nodes.sites import add_block_replace
+    t = tiny("wan")
+    bl = blocks("wan")
+    n_front = front_blocks(len(bl), EVERY2.dit_front)
+    m = apply_encoder_propagation(t.model, EVERY2).clone()
+    front_in, rear_in = [], []
+
+    def record(args, extra):                        # outside Encoder Propagation: this step's front input
+        front_in.append(args["img"].clone())
+        return extra["original_block"](args)
+    add_block_replace(m, block_sites(m, detect_model(m))[0], record)
+    h = bl[n_front].register_forward_pre_hook(lambda mod, a: rear_in.append(a[0].clone()))
+    try:
+        a = run(m, "wan", STEPS, cfg=5.0)           # cond and uncond batched: two rows per call
+        b = run(m, "wan", STEPS, cfg=5.0)
+    finally:
+        h.remove()
+    assert torch.equal(a, b) and stats(m)["feature_cache_peak_mb"] > 0       # a re-run starts from an empty cache
+    assert front_in[0].shape[0] == 2 and len(front_in) == 2 * STEPS
+    for k in (0, 2, 4):                             # each row (branch) gets its own key-step residual
+        key = rear_in[k] - front_in[k]
+        assert not torch.allclose(key[0], key[1], atol=1e-3)                 # the branches' residuals differ
+        assert torch.allclose(rear_in[k + 1], front_in[k + 1] + key, atol=1e-5)
 
 
 def test_paper_schedule_and_noise_injection_run_on_qwen():
-    m = apply_encoder_propagation(tiny("qwen").model, EncoderPropagationConfig())
+    m = apply_encoder_propagation(tiny("qwen").model, EncoderPropagationConfig(noise_on_flow=True))
     assert torch.isfinite(run(m, "qwen", 10)).all()
     s = stats(m)
-    assert s["key_steps"] < 10 and s["injected_steps"] > 0 and s["max_parallel"] == 1
+    sig = sigmas("qwen", 10)
+    half = float(tiny("qwen").model.get_model_object("model_sampling").percent_to_sigma(0.5)) * (1 + 1e-4)
+    keys = s["planned_key_steps"]
+    propagated = [i for i in range(10) if i not in keys]
+    assert propagated and s["decoder_only_steps"] == len(propagated)
+    assert all(sig[i] <= half for i in propagated)                  # DiT warm-up: nothing propagated before 50%
+    assert all(i + 1 not in propagated for i in propagated)         # from there on a key step every 2nd step
+    assert s["injected_steps"] == sum(sig[i] <= half for i in range(10)) and s["max_parallel"] == 1

@@ -267,15 +267,18 @@ def test_injection_matches_the_papers_formula(sd15, sampler):
     strength, start, steps = 0.01, 0.5, 10
     latent = sd15.latent(H, W)
     noise = comfy.sample.prepare_noise(latent, 0)
-    m = apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=1, noise_injection=strength,
+    # injection accompanies propagation (none when every step is a key step): both runs propagate alike, the
+    # reference adds the paper's shift in its own sampler loop
+    m = apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=2, noise_injection=strength,
                                                                        injection_start=start))
     out, _ = run(m, sd15, steps=steps, sampler=sampler)
+    no_inj = apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=2, noise_injection=0.0))
     sigmas = comfy.samplers.calculate_sigmas(sd15.model.get_model_object("model_sampling"), "normal", steps)
     ks = comfy.samplers.KSAMPLER(reference_sampler(strength, start, noise, heun=sampler == "heun"))
     with torch.inference_mode():
-        ref = comfy.sample.sample_custom(sd15.model, noise, 5.0, ks, sigmas, sd15.cond(1), sd15.cond(2), latent,
+        ref = comfy.sample.sample_custom(no_inj, noise, 5.0, ks, sigmas, sd15.cond(1), sd15.cond(2), latent,
                                          seed=0, disable_pbar=True)
-    base, _ = run(sd15.model, sd15, steps=steps, sampler=sampler)
+    base, _ = run(no_inj, sd15, steps=steps, sampler=sampler)
     s = technique(m).last_stats
     assert s["injected_steps"] == 5 and s.get("injection_into_predictor", 0) == 0      # steps 5..9 of 10
     assert not torch.allclose(out, base)
@@ -283,26 +286,30 @@ def test_injection_matches_the_papers_formula(sd15, sampler):
 
 
 def test_injection_changes_only_the_second_half(sd15):
-    base, tr_base = run(sd15.model, sd15, steps=10)
-    m = apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=1, noise_injection=0.003))
+    base, tr_base = run(apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=2,
+                                                                                       noise_injection=0.0)), sd15,
+                        steps=10)
+    m = apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=2, noise_injection=0.003))
     out, tr = run(m, sd15, steps=10)
     # the callback sees the latent each step evaluated: identical up to step 4, shifted from step 5
     for i in range(10):
         same = torch.equal(tr[i][0], tr_base[i][0])
         assert same == (i < 5), i
-    off = apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=1, noise_injection=0.0))
-    assert torch.equal(run(off, sd15, steps=10)[0], base)
+    off = apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=1, noise_injection=0.003))
+    assert torch.equal(run(off, sd15, steps=10)[0], run(sd15.model, sd15, steps=10)[0])      # off: nothing injected
     assert "injected_steps" in technique(off).last_stats and technique(off).last_stats["injected_steps"] == 0
 
 
 def test_injection_skipped_with_a_noise_mask(sd15):
-    m = apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=1))
+    m = apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=2))
     mask = torch.ones(1, 1, H, W)
     mask[..., : H // 2, :] = 0
     out, _ = run(m, sd15, steps=6, noise_mask=mask)
     s = technique(m).last_stats
     assert s["injected_steps"] == 0 and s["injection_skipped_mask"] == 3
-    base, _ = run(sd15.model, sd15, steps=6, noise_mask=mask)
+    base, _ = run(apply_encoder_propagation(sd15.model, EncoderPropagationConfig("every_k", every_k=2,
+                                                                                 noise_injection=0.0)),
+                  sd15, steps=6, noise_mask=mask)
     assert torch.equal(out, base)
 
 
@@ -425,7 +432,8 @@ def test_v3_node_schema_and_execute(sd15):
     assert schema.display_name == "FreeSpeed Encoder Propagation"
     names = [i.id for i in schema.inputs]
     assert names == ["model", "schedule", "every_k", "key_percents", "max_parallel_steps", "noise_injection",
-                     "injection_start", "controlnet", "dit_front_blocks"]
+                     "injection_start", "controlnet", "dit_front_blocks", "dit_warmup_percent", "dit_key_every",
+                     "noise_injection_on_flow"]
     node = EncoderPropagationNode.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "77"})
     out = node.execute(sd15.model, "custom percents", 4, "0, 30%, 60", 2, 0.003, 0.5, "skip")
     m = out.result[0]
