@@ -265,6 +265,32 @@ def patch_forward(model, path: str, make: Callable[[Callable], Callable], leave_
     return True
 
 
+ROLE_KEY = "freespeed.role"
+
+
+class RoleSequence:
+    """The roles of a block's kernel calls in the order the block's code makes them (SD3.5's dual blocks: the
+    joint attention, then the image-only one); resolved to one role per kernel call by the outermost FreeSpeed
+    override (:func:`chain_attention_override`), cyclically if a block replace runs the block again."""
+
+    def __init__(self, roles: tuple):
+        self.roles, self.i = tuple(roles), 0
+
+    def next(self) -> str:
+        role = self.roles[self.i % len(self.roles)]
+        self.i += 1
+        return role
+
+
+def with_resolved_role(kwargs: dict) -> dict:
+    """A kernel call's kwargs whose ``transformer_options`` carry this call's role (a str) under
+    :data:`ROLE_KEY`, where the site gave a :class:`RoleSequence`."""
+    to = kwargs.get("transformer_options")
+    if isinstance(to, dict) and isinstance(to.get(ROLE_KEY), RoleSequence):
+        return {**kwargs, "transformer_options": {**to, ROLE_KEY: to[ROLE_KEY].next()}}
+    return kwargs
+
+
 def chain_attention_override(prev: Optional[Callable], mine: Callable) -> Callable:
     """An ``optimized_attention_override`` that runs ``mine(call_next, func, *args, **kwargs)``, where
     ``call_next`` is the override already set (another node's, e.g. SageAttention) or the kernel."""
@@ -272,7 +298,7 @@ def chain_attention_override(prev: Optional[Callable], mine: Callable) -> Callab
         return prev(func, *args, **kwargs) if prev is not None else func(*args, **kwargs)
 
     def override(func, *args, **kwargs):
-        return mine(call_next, func, *args, **kwargs)
+        return mine(call_next, func, *args, **with_resolved_role(kwargs))
     return override
 
 
@@ -291,5 +317,6 @@ def add_attention_override(model, mine: Callable) -> None:
 
 __all__ = ["FAMILY_LABELS", "ModelInfo", "detect_model", "UnsupportedModelError", "unsupported", "require_unet",
            "AttentionSite", "attention_sites", "StackSite", "layer_shape", "transformer_stacks", "unet_inventory",
-           "BlockSite", "block_sites", "dit_block_shapes", "forward_is_patched", "patch_forward", "chain_attention_override",
+           "BlockSite", "block_sites", "dit_block_shapes", "forward_is_patched", "patch_forward", "ROLE_KEY", "RoleSequence",
+           "with_resolved_role", "chain_attention_override",
            "with_attention_override", "add_attention_override", "add_block_replace", "mro_names"]

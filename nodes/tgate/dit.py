@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ...core.gating import CACHE, COMPUTE, REUSE, branch_mean
-from ..dit import block_of, layout_of, parse_attention, tagged_args, with_layout
+from ..dit import block_of, layout_of, parse_attention, role_of, tag_blocks, tagged_args, with_layout
 from ..hooks import logger
 from ..sites import ModelInfo, add_attention_override, add_block_replace, block_sites
 from .config import Call, TGateConfig, TGateRun
@@ -60,6 +60,7 @@ class TGateJoint(TGate):
             return
         for site in self.blocks:
             add_block_replace(model, site, lambda args, extra, s=site: self._block(s, args, extra))
+        tag_blocks(model, self.info)             # the role of each kernel call: only the joint attention is swapped
         add_attention_override(model, self._override)
 
     # -- the call's decision ---------------------------------------------------------------------------
@@ -135,8 +136,11 @@ class TGateJoint(TGate):
         call = parse_attention(args, kwargs)
         to = call.transformer_options if call is not None else {}
         mark, site, layout = to.get(MARK), block_of(to), run.tokens
-        if mark is None or site is None or layout is None or not call.n_q == call.n_k == mark[1]:
+        if mark is None or site is None or layout is None or role_of(call) != "joint":
             return call_next(func, *args, **kwargs)       # e.g. SD3.5's image-only second attention
+        if not call.n_q == call.n_k == mark[1]:
+            run.stats.attn2_capture_skipped_layout += 1   # someone changed the sequence (K/V downsampled before us)
+            return call_next(func, *args, **kwargs)
         d, txt = call.tdim, layout.txt
         if mark[0] == CACHE:
             if call.k.shape[0] != ctx.layout.size:

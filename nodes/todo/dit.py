@@ -13,7 +13,7 @@ from typing import Optional
 import comfy.patcher_extension as pe
 
 from ...core.tokens import band_factor, downsample_tokens, kept_kv_tokens, kv_index
-from ..dit import key_sequence_kind, layout_of, parse_attention, pixels, select_mask_columns, with_layout
+from ..dit import key_sequence_kind, layout_of, parse_attention, pixels, select_mask_columns, tag_blocks, with_layout
 from ..hooks import logger
 from ..sites import add_attention_override, block_sites, forward_is_patched, patch_forward
 from .config import ToDoRun
@@ -54,6 +54,7 @@ class ToDoDiT(ToDo):
             return
         model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
         if self.info.family != "pixart":
+            tag_blocks(model, self.info)
             add_attention_override(model, self._override)
             return
         for site in block_sites(model, self.info):

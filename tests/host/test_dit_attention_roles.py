@@ -1,0 +1,98 @@
+"""The role of a DiT attention call (self, cross, joint) comes from the module that called the kernel, never from
+token counts (issue 21, defect 2).  Wan's text is padded to >= 512 tokens, so an image with as many tokens as the
+text is an ordinary case: there, cross-attention's text keys must stay whole (ToDo) and self- and cross-attention
+outputs must be kept apart (Map Reuse).  PixArt's modules are patched one by one (their path is the role)."""
+from __future__ import annotations
+
+import torch
+
+from dit_helpers import KernelSpy, sigmas, step_of, tiny
+from tiny import sample
+
+from comfyui_freespeed.nodes.hooks import find
+from comfyui_freespeed.nodes.mapreuse import MapReuseConfig, apply_mapreuse
+from comfyui_freespeed.nodes.todo import ToDoConfig, apply_todo
+
+TOKENS = 16                     # text tokens == image tokens: one 8x8 latent frame, patch 2x2 -> 4x4 tokens
+STEPS = 6                       # Map Reuse late from 50%: step 2 keeps, steps 3-5 reuse
+
+
+def wan_equal(model, steps: int, **kw):
+    t = tiny("wan")
+    return sample(model, t, 8, 8, steps=steps, frames=1, positive=t.cond(1, tokens=TOKENS),
+                  negative=t.cond(2, tokens=TOKENS), **kw)
+
+
+def module_outputs(dm, name: str):
+    """Forward hooks recording ``blocks.i.<name>`` outputs in call order -> (records, handles)."""
+    rec = []
+    hs = [getattr(b, name).register_forward_hook(lambda mod, inp, out, i=i: rec.append((i, out.detach().clone())))
+          for i, b in enumerate(dm.blocks)]
+    return rec, hs
+
+
+def test_wan_todo_keeps_every_text_key_when_image_tokens_equal_text_tokens():
+    t = tiny("wan")
+    n_blocks = len(t.model.model.diffusion_model.blocks)
+    inner = KernelSpy()
+    m = apply_todo(inner.install(t.model), ToDoConfig(factors=(2.0, 1.0)))
+    out = wan_equal(m, 2)
+    assert torch.isfinite(out).all()
+    # per block: self-attention (16 image keys -> 2x2 = 4), then cross-attention (all 16 text keys)
+    assert [c["n_k"] for c in inner.calls] == [4, TOKENS] * (2 * n_blocks)
+    assert [c["role"] for c in inner.calls] == ["self", "cross"] * (2 * n_blocks)
+    s = find(m, "freespeed.todo").last_stats
+    assert s["downsampled_calls"] == 2 * n_blocks and s["kv_tokens"] == {"image": "16->4"}
+
+
+def test_wan_map_reuse_keeps_self_and_cross_attention_apart_when_token_counts_are_equal():
+    t = tiny("wan")
+    dm = t.model.model.diffusion_model
+    sig = sigmas("wan", STEPS)
+    m = apply_mapreuse(t.model, MapReuseConfig(start=0.5, map_dtype="fp32"))
+    selfs, hs = module_outputs(dm, "self_attn")
+    cross, hc = module_outputs(dm, "cross_attn")
+    try:
+        wan_equal(m, STEPS, cfg=4.0)
+    finally:
+        for h in hs + hc:
+            h.remove()
+    n = len(dm.blocks)
+    assert len(selfs) == len(cross) == STEPS * n
+    for rec in (selfs, cross):          # the o-projection of the kept kernel output: the keep step's output
+        for step in (3, 4, 5):
+            for i in range(n):
+                assert torch.equal(rec[step * n + i][1], rec[2 * n + i][1])
+    s = find(m, "freespeed.mapreuse").last_stats
+    assert s["reuse_steps"] == [3, 4, 5] and s["reuse_calls"] == 3 * 2 * n
+
+
+def test_wan_map_reuse_cross_attention_only_reuses_just_the_cross_attention():
+    t = tiny("wan")
+    n = len(t.model.model.diffusion_model.blocks)
+    spy = KernelSpy()
+    m = apply_mapreuse(spy.install(t.model), MapReuseConfig(start=0.5, map_dtype="fp32", self_attention=False))
+    wan_equal(m, STEPS, cfg=4.0)
+    sig = sigmas("wan", STEPS)
+    late = [c["role"] for c in spy.calls if step_of(c["sigma"], sig) >= 3]
+    assert late == ["self"] * (3 * n)           # every self-attention kernel runs, no cross-attention kernel
+    assert find(m, "freespeed.mapreuse").last_stats["reuse_calls"] == 3 * n
+
+
+def test_pixart_map_reuse_keeps_self_and_cross_attention_apart_when_token_counts_are_equal():
+    t = tiny("pixart")
+    dm = t.model.model.diffusion_model
+    m = apply_mapreuse(t.model, MapReuseConfig(start=0.5, map_dtype="fp32"))
+    selfs, hs = module_outputs(dm, "attn")
+    cross, hc = module_outputs(dm, "cross_attn")
+    try:                                        # 34x34 latent, patch 2 -> 289 image tokens; 289 text tokens
+        sample(m, t, 34, 34, steps=STEPS, cfg=4.0, positive=t.cond(1, tokens=289), negative=t.cond(2, tokens=289))
+    finally:
+        for h in hs + hc:
+            h.remove()
+    n = len(dm.blocks)
+    for rec in (selfs, cross):
+        for step in (3, 4, 5):
+            for i in range(n):
+                assert torch.equal(rec[step * n + i][1], rec[2 * n + i][1])
+    assert not torch.equal(selfs[3 * n][1], cross[3 * n][1])
