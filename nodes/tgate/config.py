@@ -2,7 +2,7 @@
 subclass: dit.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ...core.batch import BatchLayout
@@ -57,5 +57,7 @@ class TGateRun(Run[TGateStats]):
     batch: Optional[tuple] = None      # (round id or None, {cond index: role}) of the current calc_cond_batch
     call: Optional[Call] = None
     tokens: object = None              # joint-attention DiTs: the current call's token layout
+    texts: dict = field(default_factory=dict)   # joint-attention DiTs: (role, uuid) -> text tokens of its frozen stream
+    warned: bool = False               # joint-attention DiTs: the one "computed in full" warning of the run
     left_alone: Optional[str] = None   # a guider with more than [positive, negative] (PerpNeg): run left unchanged
     keep_uncond: Optional[bool] = None  # EasyCache present: the negative branch keeps being evaluated

@@ -72,7 +72,7 @@ class KernelSpy:
             self.calls.append({"sigma": float(sig.max()) if torch.is_tensor(sig) else None, "block": to.get(BLOCK_KEY),
                                "n_q": a.n_q, "n_k": a.n_k, "layout": to.get(LAYOUT_KEY), "batch": int(a.q.shape[0]),
                                "k": a.k, "q": a.q, "heads": a.heads, "skip": a.skip_reshape,
-                               "role": role_of(a)})
+                               "role": role_of(a), "branches": tuple(to.get("cond_or_uncond") or ())})
         return call_next(func, *args, **kwargs)
 
 

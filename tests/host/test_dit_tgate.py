@@ -49,29 +49,79 @@ def test_wan_cross_attention_cached_as_the_cfg_mean_and_cfg_dropped():
     assert s["uncond_evaluations_skipped"] == 3 and s["attn2_calls_skipped"] == 3 * n and s["mode"] == "cross-attention"
 
 
+def joint_text_k(calls, txt: int, branch=None):
+    """The text part of the keys of every joint-attention call (of the rows of ``branch`` when given)."""
+    out = []
+    for c in calls:
+        if c["role"] != "joint" or (branch is not None and branch not in c["branches"]):
+            continue
+        d = 2 if c["skip"] else 1
+        k = c["k"]
+        if branch is not None:
+            n = k.shape[0] // len(c["branches"])
+            i = c["branches"].index(branch)
+            k = k[i * n:(i + 1) * n]
+        out.append(k.narrow(d, 0, txt))
+    return out
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3", "qwen"])
-def test_joint_dits_freeze_the_text_stream_as_the_cfg_mean(family):
+@pytest.mark.parametrize("neg_tokens", [77, 40])
+def test_joint_dits_freeze_the_positive_text_stream_whether_batched_or_not(family, neg_tokens, monkeypatch):
+    """After the gate only the positive branch runs: each block's text keys/values are the positive branch's at the
+    cache step, the same whether ComfyUI batched cond and uncond (equal prompt lengths, memory allowing) or not."""
     t = tiny(family)
+    pos, neg = t.cond(1), t.cond(2, tokens=neg_tokens)
+    sig = sigmas(family, STEPS)
+    outs = {}
+    for batched in (True, False):
+        if not batched:                       # no memory to batch: ComfyUI runs cond and uncond one at a time
+            monkeypatch.setattr(t.model.model, "memory_required", lambda *a, **k: float("inf"))
+        inner = KernelSpy()
+        m = apply_tgate(inner.install(t.model), TGateConfig(gate=GATE))
+        outer = KernelSpy()
+        m = outer.install(m)
+        outs[batched] = run(m, family, STEPS, cfg=4.0, positive=pos, negative=neg)
+        assert torch.isfinite(outs[batched]).all()
+        lay = outer.calls[0]["layout"]
+        txt = next(c["layout"].txt for c in outer.calls if 0 in c["branches"])
+        cache_calls = [c for c in outer.calls if step_of(c["sigma"], sig) == 2]
+        assert {c["batch"] for c in cache_calls} == ({2} if batched and neg_tokens == 77 else {1})
+        positive = joint_text_k(cache_calls, txt, branch=0)
+        after = [c for c in inner.calls if step_of(c["sigma"], sig) >= 3 and c["role"] == "joint"]
+        assert after and all(c["batch"] == 1 and c["n_q"] == 1 + lay.img and c["n_k"] == txt + lay.img for c in after)
+        frozen = joint_text_k(after, txt)
+        assert len(frozen) == 3 * len(positive)
+        for i, k in enumerate(frozen):      # every step after the gate: the positive branch's text at the cache step
+            assert torch.allclose(k, positive[i % len(positive)], atol=1e-5)
+        s = stats(m)
+        assert s["mode"] == "text stream" and s["text_tokens_frozen"] == txt and s["uncond_evaluations_skipped"] == 3
+        assert s["attn2_calls_skipped"] == 3 * len(positive)
+        monkeypatch.undo()
+    assert torch.allclose(outs[True], outs[False], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_positive_prompt_without_a_cached_text_stream_is_computed_in_full_counted_and_warned(family, caplog):
+    """A positive prompt that starts after the cache step (ConditioningSetTimestepRange) has no frozen text stream:
+    its calls run in full with its own text (never another prompt's text, never an error), counted, one warning."""
+    t = tiny(family)
+    (a, da), (b, db) = t.cond(1)[0], t.cond(3, tokens=40)[0]
+    pos = [[a, {**da, "start_percent": 0.0, "end_percent": 0.7}], [b, {**db, "start_percent": 0.7, "end_percent": 1.0}]]
     inner = KernelSpy()
     m = apply_tgate(inner.install(t.model), TGateConfig(gate=GATE))
-    outer = KernelSpy()
-    m = outer.install(m)
-    res = run(m, family, STEPS, cfg=4.0)
-    assert torch.isfinite(res).all()
+    with caplog.at_level(logging.WARNING, logger="FreeSpeed"):
+        out = run(m, family, STEPS, cfg=4.0, positive=pos)
+    assert torch.isfinite(out).all()
     sig = sigmas(family, STEPS)
-    lay = outer.calls[0]["layout"]
-    txt, img = lay.txt, lay.img
-    joint_before = [c for c in outer.calls if step_of(c["sigma"], sig) == 2 and c["n_q"] == txt + img]
-    reuse = [c for c in inner.calls if step_of(c["sigma"], sig) >= 3]
-    assert joint_before and reuse
-    # after the gate: cond only, one text query row, the cached text keys in front of the image keys
-    joint_after = [c for c in reuse if c["n_k"] == txt + img]
-    assert joint_after and all(c["n_q"] == 1 + img and c["batch"] == 1 for c in joint_after)
-    d = 2 if joint_before[0]["skip"] else 1
-    for before, after in zip(joint_before, joint_after[:len(joint_before)]):
-        assert torch.allclose(after["k"].narrow(d, 0, txt)[0], before["k"].narrow(d, 0, txt).mean(dim=0), atol=1e-5)
+    after = [c for c in inner.calls if step_of(c["sigma"], sig) >= 3 and c["role"] == "joint"]
+    assert {c["layout"].txt for c in after} == {77, 40}
+    for c in after:                          # the keys carry the text of the prompt this call runs, whole
+        assert c["n_k"] == c["layout"].joint
+        assert c["n_q"] == (1 + c["layout"].img if c["layout"].txt == 77 else c["layout"].joint)
     s = stats(m)
-    assert s["mode"] == "text stream" and s["text_tokens_frozen"] == txt and s["uncond_evaluations_skipped"] == 3
+    assert s["attn2_calls_computed_no_cache"] > 0 and s["attn2_calls_skipped"] > 0
+    assert caplog.text.count("no text stream cached") == 1
 
 
 def test_flux_without_cfg_warns_that_only_the_text_stream_saves_work(caplog):
