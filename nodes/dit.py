@@ -298,12 +298,36 @@ def select_mask_columns(mask, idx: torch.Tensor, n_k: int):
     return mask.index_select(mask.ndim - 1, idx.to(mask.device))
 
 
-def pixels(layout: TokenLayout) -> tuple[int, int]:
-    """Approximate image size in pixels of a layout's main grid (16 px per token: VAE 8 x patch 2)."""
+# the VAE's spatial downscale by latent format (any class in the MRO; ComfyUI 0.3.64's latent formats do not
+# carry it): Wan 2.2's VAE is 16x (48 channels), ChromaRadiance samples pixels; the others here are 8x
+_VAE_DOWNSCALE = (("Wan22", 16), ("ChromaRadiance", 1))
+
+
+def pixels_per_token(model, info: ModelInfo) -> tuple[int, int]:
+    """(h, w) pixels one image token of a DiT covers: the VAE's downscale x the patch size (Flux/SD3/Qwen-Image/
+    PixArt 8 x 2 = 16; Wan 2.1 8 x 2 = 16; Wan 2.2 5B 16 x 2 = 32)."""
+    fmt = model.model.latent_format
+    down = getattr(fmt, "spacial_downscale_ratio", None)
+    if down is None:
+        names = mro_names(fmt)
+        down = next((d for cls, d in _VAE_DOWNSCALE if cls in names), 8)
+    dm = model.model.diffusion_model
+    if info.family == "wan":
+        ph, pw = (int(v) for v in tuple(dm.patch_size)[1:])
+    elif info.family == "sd3":
+        ph, pw = (int(v) for v in dm.x_embedder.patch_size)
+    else:
+        ph = pw = int(getattr(dm, "patch_size", 2))
+    return int(down) * ph, int(down) * pw
+
+
+def pixels(layout: TokenLayout, per_token: tuple[int, int] = (16, 16)) -> tuple[int, int]:
+    """Image size in pixels of a layout's main grid, ``per_token`` from :func:`pixels_per_token`."""
     g = layout.main_grid
-    return g.h * 16, g.w * 16
+    return g.h * per_token[0], g.w * per_token[1]
 
 
 __all__ = ["LAYOUT_KEY", "BLOCK_KEY", "DIT_FAMILIES", "layout_for_call", "apply_args", "with_transformer_options",
            "with_layout", "layout_of", "block_of", "tagged_args", "tag_blocks", "block_order", "AttnCall",
-           "parse_attention", "role_of", "block_roles", "wan_attention_role", "sequence_kind", "key_sequence_kind", "select_mask_columns", "pixels"]
+           "parse_attention", "role_of", "block_roles", "wan_attention_role", "sequence_kind", "key_sequence_kind", "select_mask_columns", "pixels_per_token",
+           "pixels"]

@@ -13,7 +13,8 @@ from typing import Optional
 import comfy.patcher_extension as pe
 
 from ...core.tokens import band_factor, downsample_tokens, kept_kv_tokens, kv_index
-from ..dit import key_sequence_kind, layout_of, parse_attention, pixels, select_mask_columns, tag_blocks, with_layout
+from ..dit import (key_sequence_kind, layout_of, parse_attention, pixels, pixels_per_token, select_mask_columns,
+                   tag_blocks, with_layout)
 from ..hooks import logger
 from ..sites import add_attention_override, block_sites, forward_is_patched, patch_forward
 from .config import ToDoRun
@@ -46,10 +47,12 @@ class ToDoDiT(ToDo):
         super().__init__(config, info, node_id)
         self.dm = None
         self.pixart_blocks = 0
+        self.per_token = (16, 16)                       # pixels per image token (VAE downscale x patch)
 
     def install(self, model) -> None:
         super(ToDo, self).install(model)              # the run wrappers only: no UNet attn1 patch
         self.dm = model.model.diffusion_model
+        self.per_token = pixels_per_token(model, self.info)
         if self.config.off:
             return
         model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
@@ -81,7 +84,7 @@ class ToDoDiT(ToDo):
             run.layout = prev
 
     def _factor(self, layout) -> float:
-        return band_factor(*pixels(layout)) if self.config.bands else float(self.config.factors[0])
+        return band_factor(*pixels(layout, self.per_token)) if self.config.bands else float(self.config.factors[0])
 
     def _decide(self, run: ToDoRun, layout) -> float:
         """The factor for a call over this layout's tokens, 1 when it stays full (counted)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dit_helpers import FAMILIES, OVERRIDE_FAMILIES, KernelSpy, rel, run, tiny
-from tiny import sample
+from tiny import sample, tiny_wan22
 
 from comfyui_freespeed.core.tokens import Grid, downsampled_size, kv_index
 from comfyui_freespeed.nodes.dit import parse_attention
@@ -147,3 +147,15 @@ def test_resolution_bands_pick_the_papers_factor():
     m = apply_todo(inner.install(tiny("sd3").model), ToDoConfig(factors=(1.0, 1.0), bands=True))
     run(m, "sd3", 2)                                # 128 px: the first band, factor 2
     assert stats(m)["factors"] == [2.0] and {c["n_k"] for c in inner.calls} == {77 + 16}
+
+
+def test_resolution_bands_use_the_models_own_pixels_per_token():
+    """Wan 2.1: VAE 8 x patch 2 = 16 px per token; Wan 2.2 5B: VAE 16 x patch 2 = 32.  The same 40x42 token grid is
+    ~650 px (factor 2) on Wan 2.1 and ~1310 px (factor 3) on Wan 2.2."""
+    for t, px, factor in ((tiny("wan"), 8, 2.0), (tiny_wan22(), 16, 3.0)):
+        inner = KernelSpy()
+        m = apply_todo(inner.install(t.model), ToDoConfig(factors=(1.0, 1.0), bands=True))
+        sample(m, t, 80, 84, steps=1, frames=1, positive=t.cond(1, tokens=8), negative=t.cond(2, tokens=8))
+        assert stats(m)["factors"] == [factor], px
+        nh, nw = downsampled_size(40, 42, factor)
+        assert {c["n_k"] for c in inner.calls if c["role"] == "self"} == {nh * nw}

@@ -156,6 +156,18 @@ def tiny_wan(seed: int = 0, frames: int = 3, peaked: bool = True, layers: int = 
     return t
 
 
+def tiny_wan22(seed: int = 0, frames: int = 1, peaked: bool = True, layers: int = 2) -> Tiny:
+    """Wan 2.2 TI2V 5B-shaped (``comfy.model_base.WAN22``): 48-channel latents of the 16x Wan 2.2 VAE, patch
+    (1, 2, 2), so one token covers 32x32 pixels."""
+    cfg = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 48, "num_heads": 4, "ffn_dim": 128,
+           "num_layers": layers, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
+           "cross_attn_norm": True, "eps": 1e-6, "in_dim": 48, "text_dim": 64}
+    model = _dit(comfy.supported_models.WAN22_T2V(cfg), seed, peaked)
+    t = Tiny("wan", patcher(model), 64, 48)
+    t.frames = frames
+    return t
+
+
 def tiny_qwen(seed: int = 0, peaked: bool = True, layers: int = 3) -> Tiny:
     """Qwen-Image: joint attention (txt first) with RoPE, 5-D latents with one frame."""
     cfg = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": layers,
