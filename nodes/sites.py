@@ -116,6 +116,19 @@ def unsupported(technique: str, info: ModelInfo, why: str, supported: str) -> Un
                                  f"{info.diffusion_class}) is not supported. {why} Supported: {supported}.")
 
 
+def family_reason(model) -> str:
+    """Why a model outside the supported families is one: what it is, in a clause for a refusal message (a video
+    UNet's temporal layers, a DiT whose blocks FreeSpeed does not know); whether it has cross-attention is said,
+    since that is not the reason."""
+    dm = model.model.diffusion_model
+    cross = any(getattr(m, "attn2", None) is not None or "CrossAttention" in type(m).__name__ for m in dm.modules())
+    has = "It has cross-attention, but it" if cross else "It"
+    if type(dm).__name__ == "UNetModel":
+        return (f"{has} is a video UNet (temporal attention and residual layers over the frames of its batch), "
+                "which FreeSpeed's UNet hooks do not handle")
+    return f"{has} is a {type(dm).__name__} diffusion model, whose blocks and attention sites FreeSpeed does not know"
+
+
 def require_unet(info: ModelInfo, technique: str, why: str) -> None:
     if not info.is_unet:
         raise unsupported(technique, info, why, "SD1.x/SD2.x and SDXL UNets")
@@ -315,7 +328,8 @@ def add_attention_override(model, mine: Callable) -> None:
     to["optimized_attention_override"] = chain_attention_override(to.get("optimized_attention_override"), mine)
 
 
-__all__ = ["FAMILY_LABELS", "ModelInfo", "detect_model", "UnsupportedModelError", "unsupported", "require_unet",
+__all__ = ["FAMILY_LABELS", "ModelInfo", "detect_model", "UnsupportedModelError", "unsupported", "family_reason",
+           "require_unet",
            "AttentionSite", "attention_sites", "StackSite", "layer_shape", "transformer_stacks", "unet_inventory",
            "BlockSite", "block_sites", "dit_block_shapes", "forward_is_patched", "patch_forward", "ROLE_KEY", "RoleSequence",
            "with_resolved_role", "chain_attention_override",

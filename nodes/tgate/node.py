@@ -6,7 +6,7 @@ from typing import Optional
 from comfy_api.v0_0_2 import io
 
 from ..hooks import CATEGORY, FreeSpeedNode
-from ..sites import attention_sites, detect_model, unsupported
+from ..sites import attention_sites, detect_model, family_reason, unsupported
 from .config import JOINT_FAMILIES, TGateConfig
 from .dit import TGateJoint
 from .unet import TGate
@@ -22,11 +22,13 @@ def apply_tgate(model, config: TGateConfig, node_id: Optional[str] = None):
     info = detect_model(model)
     if info.family in JOINT_FAMILIES:
         return TGateJoint(config, info, node_id).patched_clone(model)
+    if info.family == "other":
+        raise unsupported("T-GATE", info, f"{family_reason(model)}; FreeSpeed has no T-GATE path for this model "
+                                          "family (whether it has cross-attention or not).", SUPPORTED)
     sites = attention_sites(model, info)
     if not any(s.kind == "cross" for s in sites):
-        raise unsupported("T-GATE", info, "T-GATE caches cross-attention (or, on joint-attention DiTs, the text "
-                                          "stream); no cross-attention layer and no known text stream was found in it.",
-                          SUPPORTED)
+        raise unsupported("T-GATE", info, "T-GATE caches cross-attention; this model's transformer blocks have no "
+                                          "cross-attention layer (a model without text conditioning).", SUPPORTED)
     return TGate(config, info, sites, node_id).patched_clone(model)
 
 

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from dit_helpers import KernelSpy, run, sigmas, step_of, tiny
+from tiny import patcher
 
+import comfy.supported_models
+
+from bench.models import SD15_UNET
 from comfyui_freespeed.nodes.hooks import find
+from comfyui_freespeed.nodes.sites import UnsupportedModelError
 from comfyui_freespeed.nodes.tgate import TGateConfig, apply_tgate
 
 STEPS, GATE = 6, 0.5          # normal scheduler: steps 0-2 before the gate, 3-5 after, cache step 2
@@ -144,3 +149,36 @@ def test_caches_reset_between_runs_and_requeue_is_identical():
     a = run(m, "sd3", STEPS)
     b = run(m, "sd3", STEPS)
     assert torch.equal(a, b) and find(m, "freespeed.tgate").run is None      # the run (and its cache) is dropped
+
+
+def _built(mc):
+    """A ModelPatcher around a real comfy.model_base model built from a tiny config (weights not needed)."""
+    mc.set_inference_dtype(torch.float32, None)
+    return patcher(mc.get_model({}))
+
+
+@pytest.mark.parametrize("which", ["hunyuan_dit", "svd"])
+def test_refusal_names_the_class_and_the_true_reason(which):
+    """HunyuanDiT and SVD have cross-attention: the refusal says their family has no T-GATE path, not that no
+    cross-attention layer was found."""
+    if which == "hunyuan_dit":
+        m = _built(comfy.supported_models.HunyuanDiT(
+            {"image_model": "hydit", "hidden_size": 64, "depth": 2, "num_heads": 4, "text_states_dim": 64,
+             "text_states_dim_t5": 64, "text_len": 8, "text_len_t5": 8, "input_size": (16, 16), "patch_size": 2,
+             "in_channels": 4}))
+        cls = "comfy.model_base.HunyuanDiT"
+    else:
+        m = _built(comfy.supported_models.SVD_img2vid(dict(
+            SD15_UNET, model_channels=64, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+            transformer_depth_middle=1, transformer_depth_output=[1] * 4, context_dim=64, in_channels=8,
+            adm_in_channels=768, use_temporal_attention=True, use_temporal_resblock=True,
+            use_linear_in_transformer=True, extra_ff_mix_layer=True, use_spatial_context=True,
+            merge_strategy="learned_with_images", merge_factor=0.0, video_kernel_size=[3, 1, 1],
+            disable_temporal_crossattention=False, max_ddpm_temb_period=10000)))
+        cls = "comfy.model_base.SVD_img2vid"
+    assert any("CrossAttention" in type(mod).__name__ or getattr(mod, "attn2", None) is not None
+               for mod in m.model.diffusion_model.modules())           # it does have cross-attention
+    with pytest.raises(UnsupportedModelError) as e:
+        apply_tgate(m, TGateConfig())
+    msg = str(e.value)
+    assert cls in msg and "no cross-attention" not in msg and "has cross-attention" in msg
