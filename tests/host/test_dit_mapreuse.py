@@ -79,7 +79,9 @@ def test_budget_leaves_blocks_alone_and_caches_reset_between_runs():
     tight = apply_mapreuse(tiny("flux").model, MapReuseConfig(start=0.5, cache_limit_mb=0.01))
     a = run(tight, "flux", STEPS)
     s = stats(tight)
-    assert s["layers_left_alone_budget"] > 0 and s["reuse_calls_left_alone"] > 0 and torch.isfinite(a).all()
+    n = len(tiny("flux").model.model.diffusion_model.double_blocks) + len(tiny("flux").model.model.diffusion_model.single_blocks)
+    # one block's output (2 x 141 tokens x 64 fp16 = 36 kB) is over the 10 kB budget: every block left alone
+    assert s["layers_left_alone_budget"] == n and s["reuse_calls_left_alone"] == 3 * n and torch.isfinite(a).all()
     m = apply_mapreuse(tiny("wan").model, LATE)
     assert torch.equal(run(m, "wan", STEPS), run(m, "wan", STEPS)) and find(m, "freespeed.mapreuse").run is None
 
@@ -90,7 +92,7 @@ def test_cross_attention_switch_and_refresh():
     run(m, "wan", STEPS)
     sig = sigmas("wan", STEPS)
     late = [c for c in spy.calls if step_of(c["sigma"], sig) >= 3]
-    assert late and all(c["n_q"] != c["n_k"] or step_of(c["sigma"], sig) == 4 for c in late)   # 4 refreshes
+    assert late and all(c["role"] == "cross" or step_of(c["sigma"], sig) == 4 for c in late)   # 4 refreshes
     assert stats(m)["reuse_steps"] == [3, 5]
 
 
