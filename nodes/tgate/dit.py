@@ -45,12 +45,13 @@ class TGateJoint(TGate):
         super().__init__(config, info, [], node_id)
         self.blocks = []
         self.dm = None
+        self.mark = f"{MARK}.{id(self)}"             # this installation's mark (T-GATE applied twice: two marks)
 
     def install(self, model) -> None:
         super().install(model)                 # run wrappers, CALC_COND_BATCH (CFG drop), APPLY_MODEL (decisions)
         self.dm = model.model.diffusion_model
         self.blocks = [b for b in block_sites(model, self.info) if b.replace_key is not None]
-        if self.config.off:
+        if self.gate >= 1.0:
             return
         for site in self.blocks:
             add_block_replace(model, site, lambda args, extra, s=site: self._block(s, args, extra))
@@ -113,11 +114,16 @@ class TGateJoint(TGate):
             if run is not None:
                 run.stats.attn2_calls_computed += 1
             return extra["original_block"](args)
+        if any(str(k).startswith(MARK) for k in (args.get("transformer_options") or {})):
+            run.stats.attn2_calls_computed += 1       # T-GATE applied twice: the later one handles this block
+            self._warn_once(run, "T-GATE is applied twice to this model: the later node does the work, this one "
+                                 "passes its blocks through")
+            return extra["original_block"](args)
         single = site.kind == "single"
         n_img = args["img"].shape[1] - (layout.txt if single else 0)
         if ctx.attn2 == CACHE:
             run.stats.attn2_calls_computed += 1
-            return extra["original_block"](tagged_args(args, site, **{MARK: (CACHE, layout.txt + n_img)}))
+            return extra["original_block"](tagged_args(args, site, **{self.mark: (CACHE, layout.txt + n_img)}))
         new = dict(args)
         if single:
             full = args["img"]
@@ -137,7 +143,7 @@ class TGateJoint(TGate):
             self._warn_once(run, f"no text stream cached for {site.path}: the block is computed in full")
             return extra["original_block"](args)
         run.stats.attn2_calls_skipped += 1
-        out = dict(extra["original_block"](tagged_args(new, site, **{MARK: (REUSE, 1 + n_img, cached)})))
+        out = dict(extra["original_block"](tagged_args(new, site, **{self.mark: (REUSE, 1 + n_img, cached)})))
         if single:
             out["img"] = torch.cat((args["img"][:, :layout.txt], out["img"][:, 1:]), dim=1)
         else:
@@ -166,7 +172,7 @@ class TGateJoint(TGate):
             return call_next(func, *args, **kwargs)
         call = parse_attention(args, kwargs)
         to = call.transformer_options if call is not None else {}
-        mark, site, layout = to.get(MARK), block_of(to), run.tokens
+        mark, site, layout = to.get(self.mark), block_of(to), run.tokens
         if mark is None or site is None or layout is None or role_of(call) != "joint":
             return call_next(func, *args, **kwargs)       # e.g. SD3.5's image-only second attention
         if not call.n_q == call.n_k == mark[1]:

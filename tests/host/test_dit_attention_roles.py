@@ -35,7 +35,7 @@ def test_wan_todo_keeps_every_text_key_when_image_tokens_equal_text_tokens():
     t = tiny("wan")
     n_blocks = len(t.model.model.diffusion_model.blocks)
     inner = KernelSpy()
-    m = apply_todo(inner.install(t.model), ToDoConfig(factors=(2.0, 1.0)))
+    m = apply_todo(inner.install(t.model), ToDoConfig(dit_blocks_from=0.0, factors=(2.0, 1.0)))
     out = wan_equal(m, 2)
     assert torch.isfinite(out).all()
     # per block: self-attention (16 image keys -> 2x2 = 4), then cross-attention (all 16 text keys)
@@ -49,7 +49,7 @@ def test_wan_map_reuse_keeps_self_and_cross_attention_apart_when_token_counts_ar
     t = tiny("wan")
     dm = t.model.model.diffusion_model
     sig = sigmas("wan", STEPS)
-    m = apply_mapreuse(t.model, MapReuseConfig(start=0.5, map_dtype="fp32"))
+    m = apply_mapreuse(t.model, MapReuseConfig(start=0.5, map_dtype="fp32", dit_refresh_every=0))
     selfs, hs = module_outputs(dm, "self_attn")
     cross, hc = module_outputs(dm, "cross_attn")
     try:
@@ -71,7 +71,7 @@ def test_wan_map_reuse_cross_attention_only_reuses_just_the_cross_attention():
     t = tiny("wan")
     n = len(t.model.model.diffusion_model.blocks)
     spy = KernelSpy()
-    m = apply_mapreuse(spy.install(t.model), MapReuseConfig(start=0.5, map_dtype="fp32", self_attention=False))
+    m = apply_mapreuse(spy.install(t.model), MapReuseConfig(start=0.5, map_dtype="fp32", self_attention=False, dit_refresh_every=0))
     wan_equal(m, STEPS, cfg=4.0)
     sig = sigmas("wan", STEPS)
     late = [c["role"] for c in spy.calls if step_of(c["sigma"], sig) >= 3]
@@ -82,7 +82,7 @@ def test_wan_map_reuse_cross_attention_only_reuses_just_the_cross_attention():
 def test_pixart_map_reuse_keeps_self_and_cross_attention_apart_when_token_counts_are_equal():
     t = tiny("pixart")
     dm = t.model.model.diffusion_model
-    m = apply_mapreuse(t.model, MapReuseConfig(start=0.5, map_dtype="fp32"))
+    m = apply_mapreuse(t.model, MapReuseConfig(start=0.5, map_dtype="fp32", dit_refresh_every=0))
     selfs, hs = module_outputs(dm, "attn")
     cross, hc = module_outputs(dm, "cross_attn")
     try:                                        # 34x34 latent, patch 2 -> 289 image tokens; 289 text tokens

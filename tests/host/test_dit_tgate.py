@@ -14,7 +14,7 @@ import comfy.supported_models
 
 from bench.models import SD15_UNET
 from comfyui_freespeed.nodes.hooks import find
-from comfyui_freespeed.nodes.sites import UnsupportedModelError
+from comfyui_freespeed.nodes.sites import UnsupportedModelError, block_sites, detect_model
 from comfyui_freespeed.nodes.tgate import TGateConfig, apply_tgate
 
 STEPS, GATE = 6, 0.5          # normal scheduler: steps 0-2 before the gate, 3-5 after, cache step 2
@@ -27,13 +27,13 @@ def stats(m):
 @pytest.mark.parametrize("family", ["flux", "sd3", "wan", "qwen", "chroma"])
 def test_gate_off_is_exact(family):
     base = run(tiny(family).model, family, STEPS)
-    assert torch.equal(run(apply_tgate(tiny(family).model, TGateConfig(gate=1.0)), family, STEPS), base)
+    assert torch.equal(run(apply_tgate(tiny(family).model, TGateConfig(dit_gate=1.0)), family, STEPS), base)
 
 
 def test_wan_cross_attention_cached_as_the_cfg_mean_and_cfg_dropped():
     t = tiny("wan")
     spy = KernelSpy()
-    m = apply_tgate(spy.install(t.model), TGateConfig(gate=GATE))
+    m = apply_tgate(spy.install(t.model), TGateConfig(dit_gate=GATE))
     outs = []
     hooks = [t.model.model.diffusion_model.blocks[i].cross_attn.register_forward_hook(
         lambda mod, inp, out, i=i: outs.append((i, out.clone()))) for i in range(len(t.model.model.diffusion_model.blocks))]
@@ -83,7 +83,7 @@ def test_joint_dits_freeze_the_positive_text_stream_whether_batched_or_not(famil
         if not batched:                       # no memory to batch: ComfyUI runs cond and uncond one at a time
             monkeypatch.setattr(t.model.model, "memory_required", lambda *a, **k: float("inf"))
         inner = KernelSpy()
-        m = apply_tgate(inner.install(t.model), TGateConfig(gate=GATE))
+        m = apply_tgate(inner.install(t.model), TGateConfig(dit_gate=GATE))
         outer = KernelSpy()
         m = outer.install(m)
         outs[batched] = run(m, family, STEPS, cfg=4.0, positive=pos, negative=neg)
@@ -114,7 +114,7 @@ def test_a_positive_prompt_without_a_cached_text_stream_is_computed_in_full_coun
     (a, da), (b, db) = t.cond(1)[0], t.cond(3, tokens=40)[0]
     pos = [[a, {**da, "start_percent": 0.0, "end_percent": 0.7}], [b, {**db, "start_percent": 0.7, "end_percent": 1.0}]]
     inner = KernelSpy()
-    m = apply_tgate(inner.install(t.model), TGateConfig(gate=GATE))
+    m = apply_tgate(inner.install(t.model), TGateConfig(dit_gate=GATE))
     with caplog.at_level(logging.WARNING, logger="FreeSpeed"):
         out = run(m, family, STEPS, cfg=4.0, positive=pos)
     assert torch.isfinite(out).all()
@@ -133,7 +133,7 @@ def test_a_positive_prompt_without_a_cached_text_stream_is_computed_in_full_coun
 
 
 def test_flux_without_cfg_warns_that_only_the_text_stream_saves_work(caplog):
-    m = apply_tgate(tiny("flux").model, TGateConfig(gate=GATE))
+    m = apply_tgate(tiny("flux").model, TGateConfig(dit_gate=GATE))
     with caplog.at_level(logging.WARNING, logger="FreeSpeed"):
         run(m, "flux", STEPS, cfg=1.0)
     dm = tiny("flux").model.model.diffusion_model
@@ -141,7 +141,7 @@ def test_flux_without_cfg_warns_that_only_the_text_stream_saves_work(caplog):
 
 
 def test_keep_cfg_and_self_attention_v2_on_wan():
-    m = apply_tgate(tiny("wan").model, TGateConfig(gate=0.7, keep_cfg=True, self_attention=True, sa_warmup=1,
+    m = apply_tgate(tiny("wan").model, TGateConfig(dit_gate=0.7, keep_cfg=True, self_attention=True, sa_warmup=1,
                                                    sa_interval=2))
     assert torch.isfinite(run(m, "wan", 10, cfg=5.0)).all()        # self-attention reused at steps 3 and 5
     s = stats(m)
@@ -150,7 +150,7 @@ def test_keep_cfg_and_self_attention_v2_on_wan():
 
 
 def test_caches_reset_between_runs_and_requeue_is_identical():
-    m = apply_tgate(tiny("sd3").model, TGateConfig(gate=GATE))
+    m = apply_tgate(tiny("sd3").model, TGateConfig(dit_gate=GATE))
     a = run(m, "sd3", STEPS)
     b = run(m, "sd3", STEPS)
     assert torch.equal(a, b) and find(m, "freespeed.tgate").run is None      # the run (and its cache) is dropped
@@ -187,3 +187,17 @@ def test_refusal_names_the_class_and_the_true_reason(which):
         apply_tgate(m, TGateConfig())
     msg = str(e.value)
     assert cls in msg and "no cross-attention" not in msg and "has cross-attention" in msg
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_applied_twice_the_later_node_does_the_work_once(family, caplog):
+    single = apply_tgate(tiny(family).model, TGateConfig(dit_gate=GATE))
+    once = run(single, family, STEPS)
+    inner = apply_tgate(tiny(family).model, TGateConfig(dit_gate=GATE))
+    twice = apply_tgate(inner, TGateConfig(dit_gate=GATE))
+    with caplog.at_level(logging.WARNING, logger="FreeSpeed"):
+        out = run(twice, family, STEPS)
+    assert torch.equal(out, once)
+    n = len(block_sites(tiny(family).model, detect_model(tiny(family).model)))
+    assert stats(twice)["attn2_calls_skipped"] == stats(single)["attn2_calls_skipped"] == 3 * n
+    assert caplog.text.count("applied twice") == 1
