@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from dit_helpers import KernelSpy, sigmas, step_of, tiny
-from tiny import sample
+from tiny import sample, tiny_sd3_deep
 
 from comfyui_freespeed.nodes.hooks import find
 from comfyui_freespeed.nodes.mapreuse import MapReuseConfig, apply_mapreuse
@@ -96,3 +96,22 @@ def test_pixart_map_reuse_keeps_self_and_cross_attention_apart_when_token_counts
             for i in range(n):
                 assert torch.equal(rec[step * n + i][1], rec[2 * n + i][1])
     assert not torch.equal(selfs[3 * n][1], cross[3 * n][1])
+
+
+def test_sd35_dual_blocks_name_the_joint_then_the_image_only_attention_and_todo_and_map_reuse_follow():
+    """SD3.5's dual blocks make two kernel calls, the joint attention then an image-only self-attention: the block
+    names them in that order (any token counts), ToDo downsamples the image keys of both, Map Reuse keeps both."""
+    t = tiny_sd3_deep(dual=(0, 1))
+    inner = KernelSpy()
+    m = apply_todo(inner.install(t.model), ToDoConfig(dit_blocks_from=0.0, factors=(2.0, 1.0)))
+    outer = KernelSpy()
+    sample(outer.install(m), t, 16, 16, steps=1)
+    # blocks 0 and 1 dual, block 2 joint only
+    assert [c["role"] for c in outer.calls] == ["joint", "self", "joint", "self", "joint"]
+    txt = outer.calls[0]["layout"].txt
+    assert [c["n_k"] for c in inner.calls] == [txt + 16, 16, txt + 16, 16, txt + 16]   # 8x8 image tokens -> 4x4
+    spy = KernelSpy()
+    mr = apply_mapreuse(spy.install(t.model), MapReuseConfig(start=0.5, map_dtype="fp32", dit_refresh_every=0))
+    sample(mr, t, 16, 16, steps=STEPS, cfg=4.0)
+    s = find(mr, "freespeed.mapreuse").last_stats
+    assert s["reuse_calls"] == 3 * 5 and s["keep_calls"] == 5
