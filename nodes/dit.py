@@ -329,5 +329,5 @@ def pixels(layout: TokenLayout, per_token: tuple[int, int] = (16, 16)) -> tuple[
 
 __all__ = ["LAYOUT_KEY", "BLOCK_KEY", "DIT_FAMILIES", "layout_for_call", "apply_args", "with_transformer_options",
            "with_layout", "layout_of", "block_of", "tagged_args", "tag_blocks", "block_order", "AttnCall",
-           "parse_attention", "role_of", "block_roles", "wan_attention_role", "sequence_kind", "key_sequence_kind", "select_mask_columns", "pixels_per_token",
-           "pixels"]
+           "parse_attention", "role_of", "block_roles", "wan_attention_role", "sequence_kind", "key_sequence_kind",
+           "select_mask_columns", "pixels_per_token", "pixels"]

@@ -329,8 +329,7 @@ def add_attention_override(model, mine: Callable) -> None:
 
 
 __all__ = ["FAMILY_LABELS", "ModelInfo", "detect_model", "UnsupportedModelError", "unsupported", "family_reason",
-           "require_unet",
-           "AttentionSite", "attention_sites", "StackSite", "layer_shape", "transformer_stacks", "unet_inventory",
-           "BlockSite", "block_sites", "dit_block_shapes", "forward_is_patched", "patch_forward", "ROLE_KEY", "RoleSequence",
-           "with_resolved_role", "chain_attention_override",
-           "with_attention_override", "add_attention_override", "add_block_replace", "mro_names"]
+           "require_unet", "AttentionSite", "attention_sites", "StackSite", "layer_shape", "transformer_stacks",
+           "unet_inventory", "BlockSite", "block_sites", "dit_block_shapes", "forward_is_patched", "patch_forward",
+           "ROLE_KEY", "RoleSequence", "with_resolved_role", "chain_attention_override", "with_attention_override",
+           "add_attention_override", "add_block_replace", "mro_names"]
