@@ -77,8 +77,9 @@ class TGateJoint(TGate):
                                         for c, role in zip(ctx.layout.chunks(), ctx.roles)):
             attn2 = COMPUTE
             run.stats.attn2_calls_computed_no_cache += 1
-            self._warn_once(run, "a prompt evaluated after the gate has no text stream cached at the gate (a prompt "
-                                 "that starts later, another length): its calls are computed in full")
+            self._warn_once(run, "a call after the gate has no text stream cached at the gate for one of its prompts "
+                                 "(a prompt that starts after the gate, an extra pass such as SAG/PAG): computed in "
+                                 "full")
         run.tokens = layout
         return Call(attn2, ctx.attn1, ctx.roles, ctx.layout, ctx.round_id)
 

@@ -129,7 +129,7 @@ def test_a_positive_prompt_without_a_cached_text_stream_is_computed_in_full_coun
     late_b = {c["sigma"] for c in after if c["layout"].txt == 40}      # model calls of B after the gate
     late_a = {c["sigma"] for c in after if c["layout"].txt == 77}
     assert s["attn2_calls_computed_no_cache"] == len(late_b) and s["attn2_calls_skipped"] == n * len(late_a)
-    assert caplog.text.count("no text stream cached") == 1
+    assert caplog.text.count("no text stream cached") == 1 and caplog.text.count("FreeSpeed T-GATE:") == 1
 
 
 def test_flux_without_cfg_warns_that_only_the_text_stream_saves_work(caplog):
