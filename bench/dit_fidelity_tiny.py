@@ -40,8 +40,8 @@ def main(argv=None) -> int:
         "atedm_similar": lambda m: apply_atedm(m, ATEDMConfig(ratio=0.5, dit_start=0.0, dit_end=1.0)),
         "atedm_previous": lambda m: apply_atedm(m, ATEDMConfig(ratio=0.5, dit_start=0.0, dit_end=1.0,
                                                                recovery="previous")),
-        "tgate_0.4": lambda m: apply_tgate(m, TGateConfig(gate=0.4)),
-        "tgate_0.4_keep_cfg": lambda m: apply_tgate(m, TGateConfig(gate=0.4, keep_cfg=True)),
+        "tgate_0.4": lambda m: apply_tgate(m, TGateConfig(dit_gate=0.4)),
+        "tgate_0.4_keep_cfg": lambda m: apply_tgate(m, TGateConfig(dit_gate=0.4, keep_cfg=True)),
     }
     res = {}
     for fam, build in (("flux", tiny_flux_deep), ("sd3", tiny_sd3_deep), ("qwen", tiny_qwen), ("wan", tiny_wan)):

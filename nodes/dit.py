@@ -22,7 +22,8 @@ from typing import Any, Optional
 import torch
 
 from ..core.tokens import Grid, TokenLayout
-from .sites import BlockSite, ModelInfo, add_block_replace, block_sites
+from .sites import (ROLE_KEY, BlockSite, ModelInfo, RoleSequence, add_block_replace, block_sites, mro_names,
+                    patch_forward)
 
 LAYOUT_KEY = "freespeed.layout"
 BLOCK_KEY = "freespeed.block"
@@ -173,22 +174,68 @@ def tagged_args(args: dict, site: BlockSite, **extra) -> dict:
     return {**args, "transformer_options": to}
 
 
+def block_roles(dm, info: ModelInfo, site: BlockSite) -> Optional[tuple]:
+    """The roles of a block's kernel calls in call order, where the block replace is the site that knows them:
+    Flux/Chroma and Qwen-Image blocks make one joint (text + image) call; SD3 joint blocks too, and SD3.5's dual
+    blocks then an image-only self-attention.  None for Wan (its attention modules are tagged one by one)."""
+    if info.family in ("flux", "qwen"):
+        return ("joint",)
+    if info.family == "sd3":
+        dual = getattr(getattr(dm.get_submodule(site.path), "x_block", None), "x_block_self_attn", False)
+        return ("joint", "self") if dual else ("joint",)
+    return None
+
+
+def wan_attention_role(module) -> Optional[str]:
+    """"cross" for Wan's cross-attention modules (text, CLIP image, HuMo audio), "self" for its self-attention."""
+    names = mro_names(module)
+    if "WanSelfAttention" not in names:
+        return None
+    return "cross" if "CrossAttention" in type(module).__name__ else "self"
+
+
+def _role_forward(orig, role: str):
+    def forward(*args, **kwargs):
+        to = kwargs.get("transformer_options")
+        if isinstance(to, dict):
+            kwargs["transformer_options"] = {**to, ROLE_KEY: role}
+        return orig(*args, **kwargs)
+    return forward
+
+
 def tag_blocks(model, info: ModelInfo) -> list[BlockSite]:
-    """Chain a block replace that names its block in front of every DiT block with a replace hook (once per
-    clone); returns the block sites."""
+    """Tag every DiT attention call with its site, once per clone: a block replace in front of every block with
+    a replace hook names the block (:data:`BLOCK_KEY`) and, where the block knows them, its calls' roles
+    (:data:`ROLE_KEY`, :func:`block_roles`); on Wan an object patch of each attention module's ``forward`` names
+    its role.  Returns the block sites."""
     sites = block_sites(model, info)
     to = model.model_options.setdefault("transformer_options", {})
     if to.get(TAGGED_KEY):
         return sites
+    dm = model.model.diffusion_model
     for site in sites:
         if site.replace_key is None:
             continue
+        roles = block_roles(dm, info, site)
 
-        def tag(args, extra, s=site):
-            return extra["original_block"](tagged_args(args, s))
+        def tag(args, extra, s=site, r=roles):
+            role = {} if r is None else {ROLE_KEY: r[0] if len(r) == 1 else RoleSequence(r)}
+            return extra["original_block"](tagged_args(args, s, **role))
         add_block_replace(model, site, tag)
+    if info.family == "wan":
+        for name, module in dm.named_modules():
+            role = wan_attention_role(module)
+            if role is not None:
+                patch_forward(model, name, lambda orig, r=role: _role_forward(orig, r))
     to[TAGGED_KEY] = True
     return sites
+
+
+def role_of(call: "AttnCall") -> Optional[str]:
+    """"self", "cross" or "joint" from the site that made the kernel call; None when no FreeSpeed site tagged it
+    (another model's call, a module FreeSpeed does not know)."""
+    role = call.transformer_options.get(ROLE_KEY)
+    return role if isinstance(role, str) else None
 
 
 def block_order(sites: list[BlockSite]) -> dict:
@@ -256,23 +303,21 @@ def parse_attention(args: tuple, kwargs: dict) -> Optional[AttnCall]:
     return AttnCall(tuple(args), dict(kwargs), q, args[1], args[2], heads, mask, bool(skip))
 
 
-def sequence_kind(call: AttnCall, layout: Optional[TokenLayout]) -> Optional[str]:
-    """"joint" (text + image), "image" (image tokens only) for a self-attention over this call's tokens,
-    None for anything else (cross-attention, another model's call, a sequence someone shortened)."""
-    if layout is None or call.n_q != call.n_k:
-        return None
-    return layout.sequence(call.n_q)
-
-
 def key_sequence_kind(call: AttnCall, layout: Optional[TokenLayout]) -> Optional[str]:
-    """Like :func:`sequence_kind` for the *keys* alone: a joint key sequence (text + image, text present) is
-    recognised whatever the queries are (T-GATE on a joint DiT queries with a one-token text stand-in); an
-    image-only key sequence only in a self-attention (Wan's cross-attention keys are text)."""
-    if layout is None:
+    """"joint" (text + image) or "image" (image tokens only) for the *keys* of a self- or joint attention call
+    (its role from the site, :func:`role_of`) whose keys are this call's whole sequence, whatever the queries are
+    (T-GATE on a joint DiT queries with a one-token text stand-in); None for anything else (cross-attention, an
+    untagged call, keys someone shortened)."""
+    role = role_of(call)
+    if layout is None or role not in ("self", "joint"):
         return None
-    if layout.txt and call.n_k == layout.joint and call.n_q <= call.n_k:
-        return "joint"
-    return sequence_kind(call, layout)
+    kind = layout.sequence(call.n_k)
+    return kind if role == "joint" or kind == "image" else None
+
+
+def sequence_kind(call: AttnCall, layout: Optional[TokenLayout]) -> Optional[str]:
+    """:func:`key_sequence_kind` of a call whose queries are its whole sequence too (none stripped or pruned)."""
+    return key_sequence_kind(call, layout) if call.n_q == call.n_k else None
 
 
 def select_mask_columns(mask, idx: torch.Tensor, n_k: int):
@@ -282,12 +327,36 @@ def select_mask_columns(mask, idx: torch.Tensor, n_k: int):
     return mask.index_select(mask.ndim - 1, idx.to(mask.device))
 
 
-def pixels(layout: TokenLayout) -> tuple[int, int]:
-    """Approximate image size in pixels of a layout's main grid (16 px per token: VAE 8 x patch 2)."""
+# the VAE's spatial downscale by latent format (any class in the MRO; ComfyUI 0.3.64's latent formats do not
+# carry it): Wan 2.2's VAE is 16x (48 channels), ChromaRadiance samples pixels; the others here are 8x
+_VAE_DOWNSCALE = (("Wan22", 16), ("ChromaRadiance", 1))
+
+
+def pixels_per_token(model, info: ModelInfo) -> tuple[int, int]:
+    """(h, w) pixels one image token of a DiT covers: the VAE's downscale x the patch size (Flux/SD3/Qwen-Image/
+    PixArt 8 x 2 = 16; Wan 2.1 8 x 2 = 16; Wan 2.2 5B 16 x 2 = 32)."""
+    fmt = model.model.latent_format
+    down = getattr(fmt, "spacial_downscale_ratio", None)
+    if down is None:
+        names = mro_names(fmt)
+        down = next((d for cls, d in _VAE_DOWNSCALE if cls in names), 8)
+    dm = model.model.diffusion_model
+    if info.family == "wan":
+        ph, pw = (int(v) for v in tuple(dm.patch_size)[1:])
+    elif info.family == "sd3":
+        ph, pw = (int(v) for v in dm.x_embedder.patch_size)
+    else:
+        ph = pw = int(getattr(dm, "patch_size", 2))
+    return int(down) * ph, int(down) * pw
+
+
+def pixels(layout: TokenLayout, per_token: tuple[int, int] = (16, 16)) -> tuple[int, int]:
+    """Image size in pixels of a layout's main grid, ``per_token`` from :func:`pixels_per_token`."""
     g = layout.main_grid
-    return g.h * 16, g.w * 16
+    return g.h * per_token[0], g.w * per_token[1]
 
 
 __all__ = ["LAYOUT_KEY", "BLOCK_KEY", "DIT_FAMILIES", "layout_for_call", "skipped_blocks", "apply_args", "with_transformer_options",
            "with_layout", "layout_of", "block_of", "tagged_args", "tag_blocks", "block_order", "AttnCall",
-           "parse_attention", "sequence_kind", "key_sequence_kind", "select_mask_columns", "pixels"]
+           "parse_attention", "role_of", "block_roles", "wan_attention_role", "sequence_kind", "key_sequence_kind",
+           "select_mask_columns", "pixels_per_token", "pixels"]

@@ -132,6 +132,19 @@ def unsupported(technique: str, info: ModelInfo, why: str, supported: str) -> Un
                                  f"Supported: {supported}.")
 
 
+def family_reason(model) -> str:
+    """Why a model outside the supported families is one: what it is, in a clause for a refusal message (a video
+    UNet's temporal layers, a DiT whose blocks FreeSpeed does not know); whether it has cross-attention is said,
+    since that is not the reason."""
+    dm = model.model.diffusion_model
+    cross = any(getattr(m, "attn2", None) is not None or "CrossAttention" in type(m).__name__ for m in dm.modules())
+    has = "It has cross-attention, but it" if cross else "It"
+    if type(dm).__name__ == "UNetModel":
+        return (f"{has} is a video UNet (temporal attention and residual layers over the frames of its batch), "
+                "which FreeSpeed's UNet hooks do not handle")
+    return f"{has} is a {type(dm).__name__} diffusion model, whose blocks and attention sites FreeSpeed does not know"
+
+
 def require_unet(info: ModelInfo, technique: str, why: str) -> None:
     if not info.is_unet:
         raise unsupported(technique, info, why, "SD1.x/SD2.x and SDXL UNets")
@@ -281,6 +294,32 @@ def patch_forward(model, path: str, make: Callable[[Callable], Callable], leave_
     return True
 
 
+ROLE_KEY = "freespeed.role"
+
+
+class RoleSequence:
+    """The roles of a block's kernel calls in the order the block's code makes them (SD3.5's dual blocks: the
+    joint attention, then the image-only one); resolved to one role per kernel call by the outermost FreeSpeed
+    override (:func:`chain_attention_override`), cyclically if a block replace runs the block again."""
+
+    def __init__(self, roles: tuple):
+        self.roles, self.i = tuple(roles), 0
+
+    def next(self) -> str:
+        role = self.roles[self.i % len(self.roles)]
+        self.i += 1
+        return role
+
+
+def with_resolved_role(kwargs: dict) -> dict:
+    """A kernel call's kwargs whose ``transformer_options`` carry this call's role (a str) under
+    :data:`ROLE_KEY`, where the site gave a :class:`RoleSequence`."""
+    to = kwargs.get("transformer_options")
+    if isinstance(to, dict) and isinstance(to.get(ROLE_KEY), RoleSequence):
+        return {**kwargs, "transformer_options": {**to, ROLE_KEY: to[ROLE_KEY].next()}}
+    return kwargs
+
+
 def chain_attention_override(prev: Optional[Callable], mine: Callable) -> Callable:
     """An ``optimized_attention_override`` that runs ``mine(call_next, func, *args, **kwargs)``, where
     ``call_next`` is the override already set (another node's, e.g. SageAttention) or the kernel."""
@@ -288,7 +327,7 @@ def chain_attention_override(prev: Optional[Callable], mine: Callable) -> Callab
         return prev(func, *args, **kwargs) if prev is not None else func(*args, **kwargs)
 
     def override(func, *args, **kwargs):
-        return mine(call_next, func, *args, **kwargs)
+        return mine(call_next, func, *args, **with_resolved_role(kwargs))
     return override
 
 
@@ -305,7 +344,8 @@ def add_attention_override(model, mine: Callable) -> None:
     to["optimized_attention_override"] = chain_attention_override(to.get("optimized_attention_override"), mine)
 
 
-__all__ = ["FAMILY_LABELS", "REFUSED_CLASSES", "ModelInfo", "detect_model", "UnsupportedModelError", "unsupported", "require_unet",
-           "AttentionSite", "attention_sites", "StackSite", "layer_shape", "transformer_stacks", "unet_inventory",
-           "BlockSite", "block_sites", "dit_block_shapes", "forward_is_patched", "patch_forward", "chain_attention_override",
+__all__ = ["FAMILY_LABELS", "REFUSED_CLASSES", "ModelInfo", "detect_model", "UnsupportedModelError", "unsupported",
+           "family_reason", "require_unet", "AttentionSite", "attention_sites", "StackSite", "layer_shape",
+           "transformer_stacks", "unet_inventory", "BlockSite", "block_sites", "dit_block_shapes", "forward_is_patched",
+           "patch_forward", "ROLE_KEY", "RoleSequence", "with_resolved_role", "chain_attention_override",
            "with_attention_override", "add_attention_override", "add_block_replace", "mro_names"]

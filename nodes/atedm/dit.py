@@ -24,7 +24,7 @@ import comfy.patcher_extension as pe
 from ...core.batch import BatchLayout
 from ...core.pruning import (dit_block_flops, dit_ranking_flops, gather_rows, gather_tokens, kept_count,
     sampled_gwpr_scores, scatter_back, select_kept, similar_source, strided_rows)
-from ..dit import apply_args, block_order, parse_attention, sequence_kind, skipped_blocks, tagged_args, with_layout
+from ..dit import apply_args, block_order, parse_attention, sequence_kind, skipped_blocks, tag_blocks, tagged_args, with_layout
 from ..hooks import installed, logger
 from ..sites import add_attention_override, add_block_replace, block_sites, dit_block_shapes, patch_forward
 from .config import ATEDMRun
@@ -93,6 +93,7 @@ class ATEDMDiT(ATEDM):
             else:
                 add_block_replace(model, site, lambda args, extra, s=site, p=pos: self._block(s, p, args, extra))
         if self.info.family != "pixart":
+            tag_blocks(model, self.info)               # the attention roles the ranking reads
             add_attention_override(model, self._override)
 
     def new_run(self, ctx) -> ATEDMDiTRun:

@@ -24,6 +24,8 @@ class MapReuseConfig:
     schedule: str = "late"             # "late" | "custom" | "off"
     start: float = 0.5                 # late: reuse from this percent of denoising on
     refresh_every: int = 0             # late: recompute + keep the maps every k steps of the window (0 = never)
+    dit_refresh_every: int = 2         # the same on DiTs: 2 = each reuse step reuses the step just before it
+                                       # (DiTFastAttn's attention sharing across timesteps, AST; docs/dit-defaults.md)
     percents: tuple = ()               # custom: reuse steps as percents (0..1)
     self_attention: bool = True
     cross_attention: bool = True
@@ -37,7 +39,7 @@ class MapReuseConfig:
             raise ValueError(f"FreeSpeed Map Reuse: unknown schedule {self.schedule!r}; expected one of {', '.join(MODES)}")
         if not 0.0 <= self.start <= 1.0:
             raise ValueError("FreeSpeed Map Reuse: start must be in 0..1 (percent of denoising)")
-        if self.refresh_every < 0:
+        if self.refresh_every < 0 or self.dit_refresh_every < 0:
             raise ValueError("FreeSpeed Map Reuse: refresh_every must be >= 0 (0 = never refresh)")
         if self.map_dtype not in MAP_DTYPES:
             raise ValueError(f"FreeSpeed Map Reuse: map dtype must be one of {', '.join(MAP_DTYPES)}")

@@ -7,8 +7,9 @@ Hooks: the chained attention override (Flux/Chroma, SD3, Wan, Qwen-Image), with 
 a chained ``dit`` block replace (``nodes/dit.tag_blocks``): a reuse step skips the kernel (QKᵀ, softmax, ·V)
 of the reused blocks; the projections around it still run (they are inline in the block's forward).  PixArt
 (no ``transformer_options`` reach its attention): object patches of ``blocks.N.attn`` / ``blocks.N.cross_attn``
-``forward``, which skip the projections too.  Keys: block, the call's (query, key) token counts (a block's
-self-, cross- and SD3.5 dual attention apart), branch (``cond_or_uncond`` + uuid, ``core.batch.BatchLayout``).
+``forward``, which skip the projections too.  Keys: block and the call's role from its site (``nodes/dit.role_of``:
+a block's self-, cross- and SD3.5 dual attention apart, whatever their token counts), the (query, key) token
+counts, branch (``cond_or_uncond`` + uuid, ``core.batch.BatchLayout``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ...core.cache import tensor_bytes
 from ...core.mapreuse import KEEP, ORIGINAL, REUSE
 import comfy.patcher_extension as pe
 
-from ..dit import apply_args, block_of, parse_attention, tag_blocks
+from ..dit import apply_args, block_of, parse_attention, role_of, tag_blocks
 from .unet import MapReuse
 from .config import MapReuseRun
 from ..sites import add_attention_override, attention_sites
@@ -51,13 +52,14 @@ class MapReuseDiT(MapReuse):
         act = run.plan.action(info.step, info.extra) if info is not None else ORIGINAL
         call = parse_attention(args, kwargs) if act != ORIGINAL else None
         block = block_of(call.transformer_options) if call is not None else None
-        if block is None or not self.config.wants_dit("self" if call.n_q == call.n_k else "cross"):
+        role = role_of(call) if block is not None else None
+        if role is None or not self.config.wants_dit("cross" if role == "cross" else "self"):
             return call_next(func, *args, **kwargs)
         if call.mask is not None:
             run.stats.original_calls_masked += 1
             return call_next(func, *args, **kwargs)
         layout = BatchLayout.from_options(call.transformer_options, call.q.shape[0])
-        keys = [output_key(block, c.branch, c.uuid, call.n_q, call.n_k) for c in layout.chunks()]
+        keys = [output_key((block, role), c.branch, c.uuid, call.n_q, call.n_k) for c in layout.chunks()]
         if act == REUSE:
             out = self._reuse(run, block, keys, layout, call.q)
             if out is not None:

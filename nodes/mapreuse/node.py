@@ -91,6 +91,10 @@ class MapReuseNode(FreeSpeedNode):
                                         "maps to the first step at or past it. The step before each reuse step keeps "
                                         "its maps."),
                 *layer_inputs(),
+                io.Int.Input("dit_refresh_every", default=2, min=0, max=1000, optional=True,
+                             tooltip="refresh_every on DiTs (attention outputs). 2 = each reuse step reuses the step "
+                                     "just before it, as DiTFastAttn's attention sharing across timesteps; 0 = never. "
+                                     "Sources: docs/dit-defaults.md."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -98,10 +102,11 @@ class MapReuseNode(FreeSpeedNode):
 
     @classmethod
     def execute(cls, model, schedule, start, refresh_every, custom_percents, self_attention=True, cross_attention=True,
-                levels="all", cache_limit_mb=1024.0, fp16_maps=True, cache_on_cpu=False) -> io.NodeOutput:
+                levels="all", cache_limit_mb=1024.0, fp16_maps=True, cache_on_cpu=False,
+                dit_refresh_every=2) -> io.NodeOutput:
         mode = SCHEDULE_LABELS.get(schedule, schedule)
         percents = tuple(parse_percent_list(custom_percents)) if mode == "custom" else ()
-        config = MapReuseConfig(mode, float(start), int(refresh_every), percents,
+        config = MapReuseConfig(mode, float(start), int(refresh_every), percents, dit_refresh_every=int(dit_refresh_every),
                                 **layer_config(self_attention, cross_attention, levels, cache_limit_mb, fp16_maps,
                                                cache_on_cpu))
         return io.NodeOutput(apply_mapreuse(model, config, node_id=cls.node_id()))

@@ -30,6 +30,7 @@ class MapReuse(Technique[MapReuseRun]):
         self.foreign: list[str] = []          # chosen sites whose forward another node patched
         self.last_schedule = None
         self.dtype = MAP_DTYPES[config.map_dtype]
+        self.refresh_every = config.refresh_every if info.is_unet else config.dit_refresh_every
 
     def install(self, model) -> None:
         super().install(model)
@@ -53,7 +54,7 @@ class MapReuse(Technique[MapReuseRun]):
         cfg = self.config
         self.last_schedule = ctx.schedule
         return MapReuseRun(ctx, MapReuseStats(schedule=cfg.schedule),
-                           plan=resolve_plan(ctx.schedule, cfg.schedule, cfg.start, cfg.refresh_every, cfg.percents),
+                           plan=resolve_plan(ctx.schedule, cfg.schedule, cfg.start, self.refresh_every, cfg.percents),
                            store=CacheStore(budget_bytes=int(cfg.cache_limit_mb * 2 ** 20), offload=cfg.cache_on_cpu))
 
     # -- the patched forward ----------------------------------------------------------------------
@@ -146,7 +147,7 @@ class MapReuse(Technique[MapReuseRun]):
     def finish_stats(self, run: MapReuseRun) -> None:
         s, cfg, plan, store = run.stats, self.config, run.plan, run.store
         if cfg.schedule == "late":
-            s.start_pct, s.refresh_every = round(100 * cfg.start, 1), cfg.refresh_every
+            s.start_pct, s.refresh_every = round(100 * cfg.start, 1), self.refresh_every
         elif cfg.schedule == "custom":
             s.percents = format_percents(cfg.percents)
         s.reuse_steps, s.keep_steps = plan.reuse_steps, plan.keep_steps

@@ -2,7 +2,7 @@
 subclass: dit.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ...core.batch import BatchLayout
@@ -10,6 +10,7 @@ from ...core.cache import BranchAccumulator, CacheStore
 from ...core.gating import GatePlan
 from ...core.stats import TGateStats
 from ..hooks import Run
+from ..sites import ModelInfo
 
 
 COND, UNCOND = "cond", "uncond"
@@ -20,7 +21,8 @@ JOINT_FAMILIES = ("flux", "sd3", "qwen")       # joint text-image attention: the
 
 @dataclass(frozen=True)
 class TGateConfig:
-    gate: float = 0.4                  # percent of denoising where cross-attention is frozen
+    gate: float = 0.4                  # percent of denoising where cross-attention is frozen (UNets)
+    dit_gate: float = 0.6              # the same on DiTs: T-GATE's official PixArt setting, gate_step 15 of 25
     keep_cfg: bool = False             # True: keep evaluating the uncond branch after the gate
     self_attention: bool = False       # T-GATE v2 self-attention caching before the gate
     sa_warmup: int = 2
@@ -29,14 +31,14 @@ class TGateConfig:
     cache_limit_mb: float = 0.0        # 0 = no limit (the cache holds one tensor per attention layer)
 
     def __post_init__(self):
-        if not 0.0 <= self.gate <= 1.0:
+        if not (0.0 <= self.gate <= 1.0 and 0.0 <= self.dit_gate <= 1.0):
             raise ValueError("FreeSpeed T-GATE: gate must be in 0..1 (percent of denoising)")
         if self.sa_warmup < 0 or self.sa_interval < 1:
             raise ValueError("FreeSpeed T-GATE: self-attention warm-up must be >= 0 and interval >= 1")
 
-    @property
-    def off(self) -> bool:
-        return self.gate >= 1.0
+    def gate_for(self, info: ModelInfo) -> float:
+        """The gate of this model's family: ``gate`` on UNets, ``dit_gate`` on DiTs (docs/dit-defaults.md)."""
+        return self.gate if info.is_unet else self.dit_gate
 
 
 @dataclass(frozen=True)
@@ -57,5 +59,7 @@ class TGateRun(Run[TGateStats]):
     batch: Optional[tuple] = None      # (round id or None, {cond index: role}) of the current calc_cond_batch
     call: Optional[Call] = None
     tokens: object = None              # joint-attention DiTs: the current call's token layout
+    texts: dict = field(default_factory=dict)   # joint-attention DiTs: (role, uuid) -> text tokens of its frozen stream
+    warned: bool = False               # joint-attention DiTs: the one "computed in full" warning of the run
     left_alone: Optional[str] = None   # a guider with more than [positive, negative] (PerpNeg): run left unchanged
     keep_uncond: Optional[bool] = None  # EasyCache present: the negative branch keeps being evaluated

@@ -6,7 +6,7 @@ from typing import Optional
 from comfy_api.v0_0_2 import io
 
 from ..hooks import CATEGORY, FreeSpeedNode
-from ..sites import attention_sites, detect_model, unsupported
+from ..sites import attention_sites, detect_model, family_reason, unsupported
 from .config import JOINT_FAMILIES, TGateConfig
 from .dit import TGateJoint
 from .unet import TGate
@@ -22,11 +22,13 @@ def apply_tgate(model, config: TGateConfig, node_id: Optional[str] = None):
     info = detect_model(model)
     if info.family in JOINT_FAMILIES:
         return TGateJoint(config, info, node_id).patched_clone(model)
+    if info.family == "other":
+        raise unsupported("T-GATE", info, f"{family_reason(model)}; FreeSpeed has no T-GATE path for this model "
+                                          "family (whether it has cross-attention or not).", SUPPORTED)
     sites = attention_sites(model, info)
     if not any(s.kind == "cross" for s in sites):
-        raise unsupported("T-GATE", info, "T-GATE caches cross-attention (or, on joint-attention DiTs, the text "
-                                          "stream); no cross-attention layer and no known text stream was found in it.",
-                          SUPPORTED)
+        raise unsupported("T-GATE", info, "T-GATE caches cross-attention; this model's transformer blocks have no "
+                                          "cross-attention layer (a model without text conditioning).", SUPPORTED)
     return TGate(config, info, sites, node_id).patched_clone(model)
 
 
@@ -45,7 +47,8 @@ class TGateNode(FreeSpeedNode):
                 io.Model.Input("model"),
                 io.Float.Input("gate", default=0.4, min=0.0, max=1.0, step=0.01,
                                tooltip="Where cross-attention is frozen, in percent of denoising (0.4 = step 10 of 25 "
-                                       "with the normal scheduler, the paper's default). 1.0 = off."),
+                                       "with the normal scheduler, the paper's default). 1.0 = off. UNets; DiTs: "
+                                       "dit_gate."),
                 io.Boolean.Input("keep_cfg", default=False,
                                  tooltip="Keep evaluating the negative prompt after the gate. Off (default): CFG is "
                                          "dropped after the gate, which gives most of the speed-up."),
@@ -62,6 +65,10 @@ class TGateNode(FreeSpeedNode):
                 io.Boolean.Input("cache_on_cpu", default=False,
                                  tooltip="Keep the cached attention outputs in CPU memory (saves VRAM, costs a copy "
                                          "per layer and step)."),
+                io.Float.Input("dit_gate", default=0.6, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="The gate on DiTs (PixArt, Wan, Flux/Chroma, SD3, Qwen-Image), in percent of "
+                                       "denoising. 0.6 = T-GATE's official PixArt setting (gate_step 15 of 25 steps); "
+                                       "1.0 = off. Sources: docs/dit-defaults.md."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -69,8 +76,9 @@ class TGateNode(FreeSpeedNode):
 
     @classmethod
     def execute(cls, model, gate, keep_cfg, self_attention=False, self_attention_warmup=2, self_attention_interval=5,
-                cache_on_cpu=False) -> io.NodeOutput:
-        config = TGateConfig(gate=float(gate), keep_cfg=bool(keep_cfg), self_attention=bool(self_attention),
+                cache_on_cpu=False, dit_gate=0.6) -> io.NodeOutput:
+        config = TGateConfig(gate=float(gate), dit_gate=float(dit_gate), keep_cfg=bool(keep_cfg),
+                             self_attention=bool(self_attention),
                              sa_warmup=int(self_attention_warmup), sa_interval=int(self_attention_interval),
                              cache_on_cpu=bool(cache_on_cpu))
         return io.NodeOutput(apply_tgate(model, config, node_id=cls.node_id()))

@@ -28,6 +28,7 @@ class TGate(Technique[TGateRun]):
                  node_id: Optional[str] = None):
         super().__init__(info, node_id)
         self.config = config
+        self.gate = config.gate_for(info)
         self.sites = [s for s in sites if s.kind == "cross" or config.self_attention]
         self.modules: dict[str, torch.nn.Module] = {}
 
@@ -35,7 +36,7 @@ class TGate(Technique[TGateRun]):
         super().install(model)
         model.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, self.key, self._calc_cond_batch)
         model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
-        if self.config.off:
+        if self.gate >= 1.0:
             return              # gate 100%: no layer patched, so other nodes (Map Reuse) keep theirs
         dm = model.model.diffusion_model
         for site in self.sites:
@@ -47,7 +48,7 @@ class TGate(Technique[TGateRun]):
         cfg = self.config
         store = CacheStore(budget_bytes=int(cfg.cache_limit_mb * 2 ** 20), offload=cfg.cache_on_cpu)
         return TGateRun(ctx, TGateStats(keep_cfg=cfg.keep_cfg, self_attention=cfg.self_attention),
-                        plan=GatePlan.from_schedule(ctx.schedule, cfg.gate), store=store,
+                        plan=GatePlan.from_schedule(ctx.schedule, self.gate), store=store,
                         attn2=BranchAccumulator(store))
 
     # -- wrappers ---------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ class TGate(Technique[TGateRun]):
     # -- stats ------------------------------------------------------------------------------------
     def finish_stats(self, run: TGateRun) -> None:
         s, plan, store = run.stats, run.plan, run.store
-        s.gate_pct = round(100 * self.config.gate, 1)
+        s.gate_pct = round(100 * self.gate, 1)
         s.gate_sigma = None if plan.off else round(plan.gate_sigma, 4)
         s.steps_before_gate, s.steps_after_gate, s.cache_step = plan.steps_before, plan.steps_after, plan.cache_step
         st = store.stats

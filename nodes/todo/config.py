@@ -18,12 +18,16 @@ class ToDoConfig:
     start_percent: float = 0.0
     end_percent: float = 1.0
     bands: bool = False              # the factor from the image size (paper: 2 at 1024², 3 at 1536², 4 at 2048²)
+    dit_blocks_from: float = 0.5     # DiTs: downsample in the blocks from this fraction of the depth on (PixArt-Σ's
+                                     # trained 2x2 K/V compression: blocks 14-27 of 28); 0 = every block
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"FreeSpeed ToDo: unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if any(f < 1.0 for f in self.factors):
             raise ValueError("FreeSpeed ToDo: downsampling factors must be >= 1 (1 = off)")
+        if not 0.0 <= self.dit_blocks_from < 1.0:
+            raise ValueError("FreeSpeed ToDo: dit_blocks_from must be in 0..1 (a fraction of the DiT's blocks)")
 
     @property
     def off(self) -> bool:

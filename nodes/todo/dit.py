@@ -1,4 +1,5 @@
-"""ToDo on DiTs (issue 16): only the *image* keys/values are downsampled, on their 2-D grid (per frame on
+"""ToDo on DiTs (issue 16): in the back blocks only (``dit_blocks_from``, default the back half, as PixArt-Σ's
+trained K/V compression; docs/dit-defaults.md), only the *image* keys/values are downsampled, on their 2-D grid (per frame on
 Wan; reference latents as their own grids); every query and every text token's key/value is kept, and an
 attention mask keeps the matching key columns.  Hooks: the chained attention override (Flux/Chroma, SD3,
 Wan, Qwen-Image) with the call's token layout from ``nodes/dit.py``; PixArt, whose attention gets no
@@ -8,12 +9,14 @@ Design notes (RoPE, nearest vs avg-pool, AttentionKVCompress): docs/todo.md.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import comfy.patcher_extension as pe
 
 from ...core.tokens import band_factor, downsample_tokens, kept_kv_tokens, kv_index
-from ..dit import key_sequence_kind, layout_of, parse_attention, pixels, select_mask_columns, with_layout
+from ..dit import (block_of, block_order, key_sequence_kind, layout_of, parse_attention, pixels, pixels_per_token,
+                   select_mask_columns, tag_blocks, with_layout)
 from ..hooks import logger
 from ..sites import add_attention_override, block_sites, forward_is_patched, patch_forward
 from .config import ToDoRun
@@ -46,17 +49,25 @@ class ToDoDiT(ToDo):
         super().__init__(config, info, node_id)
         self.dm = None
         self.pixart_blocks = 0
+        self.per_token = (16, 16)                       # pixels per image token (VAE downscale x patch)
+        self.order: dict = {}                           # (block kind, index) -> position in forward order
+        self.first = 0                                  # the first block (position) ToDo downsamples in
 
     def install(self, model) -> None:
         super(ToDo, self).install(model)              # the run wrappers only: no UNet attn1 patch
         self.dm = model.model.diffusion_model
+        self.per_token = pixels_per_token(model, self.info)
         if self.config.off:
             return
         model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
+        sites = block_sites(model, self.info)
+        self.order = block_order(sites)
+        self.first = math.ceil(self.config.dit_blocks_from * len(sites))
         if self.info.family != "pixart":
+            tag_blocks(model, self.info)
             add_attention_override(model, self._override)
             return
-        for site in block_sites(model, self.info):
+        for site in sites[self.first:]:
             path = f"{site.path}.attn"
             module = self.dm.get_submodule(path)
             if not pixart_compressible(module):
@@ -80,7 +91,7 @@ class ToDoDiT(ToDo):
             run.layout = prev
 
     def _factor(self, layout) -> float:
-        return band_factor(*pixels(layout)) if self.config.bands else float(self.config.factors[0])
+        return band_factor(*pixels(layout, self.per_token)) if self.config.bands else float(self.config.factors[0])
 
     def _decide(self, run: ToDoRun, layout) -> float:
         """The factor for a call over this layout's tokens, 1 when it stays full (counted)."""
@@ -118,6 +129,10 @@ class ToDoDiT(ToDo):
         if kind is None:
             if layout is not None:
                 run.stats.untouched_non_grid += 1       # cross-attention (Wan), a K/V someone already shortened
+            return call_next(func, *args, **kwargs)
+        block = block_of(call.transformer_options)
+        if block is None or self.order.get((block.kind, block.index), -1) < self.first:
+            run.stats.full_attention_calls += 1         # a front block (dit_blocks_from), or a call of no known block
             return call_next(func, *args, **kwargs)
         factor = self._decide(run, layout)
         if factor <= 1.0:

@@ -56,6 +56,10 @@ class ToDoNode(FreeSpeedNode):
                 io.Boolean.Input("resolution_bands", default=False, optional=True,
                                  tooltip="Pick the level-1 factor (DiTs: the factor) from the image size as the paper "
                                          "does: 2 up to ~1280², 3 up to ~1792², 4 above, instead of factor_level_1."),
+                io.Float.Input("dit_blocks_from", default=0.5, min=0.0, max=0.95, step=0.05, optional=True,
+                               tooltip="DiTs only: downsample K/V in the blocks from this fraction of the depth on "
+                                       "(0.5 = the back half, as PixArt-Sigma's trained 2x2 K/V compression, blocks "
+                                       "14-27 of 28); 0 = every block. Sources: docs/dit-defaults.md."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -63,7 +67,7 @@ class ToDoNode(FreeSpeedNode):
 
     @classmethod
     def execute(cls, model, factor_level_1, factor_level_2, method, start_percent, end_percent,
-                resolution_bands=False) -> io.NodeOutput:
+                resolution_bands=False, dit_blocks_from=0.5) -> io.NodeOutput:
         config = ToDoConfig((float(factor_level_1), float(factor_level_2)), method, float(start_percent),
-                            float(end_percent), bool(resolution_bands))
+                            float(end_percent), bool(resolution_bands), float(dit_blocks_from))
         return io.NodeOutput(apply_todo(model, config, node_id=cls.node_id()))

@@ -51,7 +51,7 @@ NODES = tuple(k for k, _ in report.NODES)
 # acts from 50% of denoising on; everything before is the unpatched computation
 LATE = {
     "todo": dict(factors=(2.0, 2.0), start_percent=0.5),
-    "tgate": dict(gate=0.5),
+    "tgate": dict(gate=0.5, dit_gate=0.5),
     "encprop": dict(schedule="custom", key_percents=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), noise_injection=0.003,
                     injection_start=0.5, max_parallel=2, dit_every=0),   # DiTs: the warm-up to 50% is a no-op here
     "mapreuse": dict(schedule="late", start=0.6, map_dtype="fp32"),     # keeps its maps at 50%, reuses after
@@ -60,7 +60,7 @@ LATE = {
 # each node's own "off" setting (documented as exactly the unpatched model)
 OFF = {
     "todo": dict(factors=(1.0, 1.0)),
-    "tgate": dict(gate=1.0),
+    "tgate": dict(gate=1.0, dit_gate=1.0),
     "encprop": dict(schedule="every_k", every_k=1, noise_injection=0.0),
     "mapreuse": dict(schedule="off"),
     "atedm": dict(ratio=0.0),

@@ -17,7 +17,7 @@ import comfy.samplers
 from tiny import (sample, tiny_chroma, tiny_flux_deep, tiny_pixart_peaked, tiny_qwen, tiny_sd3_deep,  # noqa: F401
                   tiny_wan)
 
-from comfyui_freespeed.nodes.dit import BLOCK_KEY, LAYOUT_KEY, parse_attention
+from comfyui_freespeed.nodes.dit import BLOCK_KEY, LAYOUT_KEY, parse_attention, role_of
 from comfyui_freespeed.nodes.sites import add_attention_override
 
 BUILDERS = {"flux": tiny_flux_deep, "sd3": tiny_sd3_deep, "wan": tiny_wan, "qwen": tiny_qwen,
@@ -71,7 +71,8 @@ class KernelSpy:
             sig = to.get("sigmas")
             self.calls.append({"sigma": float(sig.max()) if torch.is_tensor(sig) else None, "block": to.get(BLOCK_KEY),
                                "n_q": a.n_q, "n_k": a.n_k, "layout": to.get(LAYOUT_KEY), "batch": int(a.q.shape[0]),
-                               "k": a.k, "q": a.q, "heads": a.heads, "skip": a.skip_reshape})
+                               "k": a.k, "q": a.q, "heads": a.heads, "skip": a.skip_reshape,
+                               "role": role_of(a), "branches": tuple(to.get("cond_or_uncond") or ())})
         return call_next(func, *args, **kwargs)
 
 

@@ -23,7 +23,7 @@ from comfyui_freespeed.nodes.todo import ToDoConfig, apply_todo
 
 APPLY = {
     "todo": lambda m: apply_todo(m, ToDoConfig(factors=(2.0, 1.0))),
-    "tgate": lambda m: apply_tgate(m, TGateConfig(gate=0.5)),
+    "tgate": lambda m: apply_tgate(m, TGateConfig(gate=0.5, dit_gate=0.5)),
     "mapreuse": lambda m: apply_mapreuse(m, MapReuseConfig(start=0.6)),
     "encprop": lambda m: apply_encoder_propagation(m, EncoderPropagationConfig(schedule="every_k", every_k=2)),
     "atedm": lambda m: apply_atedm(m, ATEDMConfig(ratio=0.5, dsap_end=0.0)),

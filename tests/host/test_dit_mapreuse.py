@@ -12,7 +12,7 @@ from comfyui_freespeed.nodes.mapreuse import MapReuseConfig, apply_mapreuse
 from comfyui_freespeed.nodes.sites import add_attention_override
 
 STEPS = 6        # late schedule from 50%: steps 3, 4, 5 reuse what step 2 kept
-LATE = MapReuseConfig(start=0.5, map_dtype="fp32")
+LATE = MapReuseConfig(start=0.5, map_dtype="fp32", dit_refresh_every=0)
 
 
 def stats(m):
@@ -76,21 +76,23 @@ def test_pixart_reuse_skips_the_projections_too():
 
 
 def test_budget_leaves_blocks_alone_and_caches_reset_between_runs():
-    tight = apply_mapreuse(tiny("flux").model, MapReuseConfig(start=0.5, cache_limit_mb=0.01))
+    tight = apply_mapreuse(tiny("flux").model, MapReuseConfig(start=0.5, cache_limit_mb=0.01, dit_refresh_every=0))
     a = run(tight, "flux", STEPS)
     s = stats(tight)
-    assert s["layers_left_alone_budget"] > 0 and s["reuse_calls_left_alone"] > 0 and torch.isfinite(a).all()
+    n = len(tiny("flux").model.model.diffusion_model.double_blocks) + len(tiny("flux").model.model.diffusion_model.single_blocks)
+    # one block's output (2 x 141 tokens x 64 fp16 = 36 kB) is over the 10 kB budget: every block left alone
+    assert s["layers_left_alone_budget"] == n and s["reuse_calls_left_alone"] == 3 * n and torch.isfinite(a).all()
     m = apply_mapreuse(tiny("wan").model, LATE)
     assert torch.equal(run(m, "wan", STEPS), run(m, "wan", STEPS)) and find(m, "freespeed.mapreuse").run is None
 
 
 def test_cross_attention_switch_and_refresh():
     spy = KernelSpy()
-    m = apply_mapreuse(spy.install(tiny("wan").model), MapReuseConfig(start=0.5, refresh_every=2, cross_attention=False))
+    m = apply_mapreuse(spy.install(tiny("wan").model), MapReuseConfig(start=0.5, dit_refresh_every=2, cross_attention=False))
     run(m, "wan", STEPS)
     sig = sigmas("wan", STEPS)
     late = [c for c in spy.calls if step_of(c["sigma"], sig) >= 3]
-    assert late and all(c["n_q"] != c["n_k"] or step_of(c["sigma"], sig) == 4 for c in late)   # 4 refreshes
+    assert late and all(c["role"] == "cross" or step_of(c["sigma"], sig) == 4 for c in late)   # 4 refreshes
     assert stats(m)["reuse_steps"] == [3, 5]
 
 
@@ -100,3 +102,13 @@ def test_search_node_runs_on_a_dit():
     out = MapReuseSearchNode.execute(t.model, t.cond(1), t.cond(2), {"samples": t.latent(16, 16)}, 0, 4, 4.0, "euler",
                                      "normal", 1)
     assert out.result[1] and "schedule" in out.result[2]
+
+
+def test_dit_default_reuses_only_the_step_just_before():
+    """DiT default (DiTFastAttn's AST): from 50% on, every other step reuses the output of the step just before it;
+    UNets keep the paper's schedule (reuse to the end)."""
+    assert MapReuseConfig().refresh_every == 0 and MapReuseConfig().dit_refresh_every == 2
+    m = apply_mapreuse(tiny("sd3").model, MapReuseConfig(map_dtype="fp32"))
+    run(m, "sd3", 10)
+    s = stats(m)
+    assert s["refresh_every"] == 2 and s["keep_steps"] == [4, 6, 8] and s["reuse_steps"] == [5, 7, 9]

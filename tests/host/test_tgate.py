@@ -460,8 +460,8 @@ def test_pixart(request):
     t = tiny_pixart()
     kw = dict(h=48, w=48, steps=STEPS, positive=t.cond(1, tokens=16), negative=t.cond(2, tokens=16))
     base = sample(t.model, t, **kw)
-    assert torch.equal(sample(apply_tgate(t.model, TGateConfig(gate=1.0)), t, **kw), base)
-    tg = apply_tgate(t.model, TGateConfig(gate=GATE))
+    assert torch.equal(sample(apply_tgate(t.model, TGateConfig(dit_gate=1.0)), t, **kw), base)
+    tg = apply_tgate(t.model, TGateConfig(dit_gate=GATE))
     gs = gate_sigma(tg)
     with recording(tg) as (m, rec):
         out = sample(m, t, **kw)
@@ -525,7 +525,7 @@ def test_unsupported_models_get_a_clear_error():
     t = tiny_lumina2()
     with pytest.raises(UnsupportedModelError, match=r"comfy\.model_base\.Lumina2") as e:
         apply_tgate(t.model, TGateConfig())
-    assert "FreeSpeed T-GATE" in str(e.value) and "no cross-attention layer" in str(e.value)
+    assert "FreeSpeed T-GATE" in str(e.value) and "no T-GATE path for this model family" in str(e.value)
 
 
 def test_v3_node_schema_and_execute(sd15):

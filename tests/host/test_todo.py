@@ -189,7 +189,7 @@ def test_v3_node_schema_and_execute(sd15):
     assert schema.display_name == "FreeSpeed ToDo (token downsampling)"
     ids = [i.id for i in schema.inputs]
     assert ids == ["model", "factor_level_1", "factor_level_2", "method", "start_percent", "end_percent",
-                   "resolution_bands"]
+                   "resolution_bands", "dit_blocks_from"]
     from comfy_api.v0_0_2 import io
     node = ToDoNode.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "42"})   # what the executor does
     out = node.execute(sd15.model, 2.0, 1.0, "avg-pool", 0.0, 1.0)

@@ -25,9 +25,8 @@ ALL_FAMILIES = ("sd15", "sdxl") + FAMILIES
 KEYS = [t.key for t in TECHNIQUES]
 STEPS = 3
 REPLACING = ("atedm", "encprop")          # applied twice, the later replaces the earlier
-# cases owned by the ToDo / T-GATE / Map Reuse helper (issue 21, 21B): see /work/coord/21a-for-21b.md
-XFAIL_TWICE: dict = {("flux", "tgate"): "T-GATE applied twice on Flux: RuntimeError 'upper bound and lower bound "
-                                         "inconsistent with step sign' in nodes/tgate/dit.py (issue 21, 21B's part)"}
+# known failures, marked strict so a fix shows (none today)
+XFAIL_TWICE: dict = {}
 XFAIL_TENSORS: dict = {}
 
 

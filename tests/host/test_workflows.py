@@ -217,7 +217,7 @@ def test_ui_to_api_maps_widgets_by_schema_order_and_skips_control_values(host):
     tg_id, tg = by_type["FreeSpeedTGate"]
     assert tg["inputs"] == {"model": [by_type["CheckpointLoaderSimple"][0], 0], "gate": 0.4, "keep_cfg": False,
                             "self_attention": False, "self_attention_warmup": 2, "self_attention_interval": 5,
-                            "cache_on_cpu": False}
+                            "cache_on_cpu": False, "dit_gate": 0.6}
     assert ks["inputs"]["model"] == [tg_id, 0]
     assert "Note" not in by_type
     broken = copy.deepcopy(wf)

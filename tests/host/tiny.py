@@ -144,16 +144,23 @@ def _dit(mc, seed: int, peaked: bool):
     return model
 
 
-def tiny_wan(seed: int = 0, frames: int = 3, peaked: bool = True, layers: int = 4) -> Tiny:
+def tiny_wan(seed: int = 0, frames: int = 3, peaked: bool = True, layers: int = 4, wan22: bool = False) -> Tiny:
     """Wan 2.1 T2V: 5-D latents ``[B, 16, frames, H, W]``, self-attention (3-D RoPE) + separate cross-attention
-    per block, ``("double_block", i)`` replaces."""
-    cfg = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 16, "num_heads": 4, "ffn_dim": 128,
+    per block, ``("double_block", i)`` replaces.  ``wan22``: Wan 2.2 TI2V 5B-shaped (``comfy.model_base.WAN22``),
+    48-channel latents of the 16x Wan 2.2 VAE, so one token (patch 2x2) covers 32x32 pixels."""
+    ch = 48 if wan22 else 16
+    cfg = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": ch, "num_heads": 4, "ffn_dim": 128,
            "num_layers": layers, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
-           "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16, "text_dim": 64}
-    model = _dit(comfy.supported_models.WAN21_T2V(cfg), seed, peaked)
-    t = Tiny("wan", patcher(model), 64, 16)
+           "cross_attn_norm": True, "eps": 1e-6, "in_dim": ch, "text_dim": 64}
+    mc = comfy.supported_models.WAN22_T2V(cfg) if wan22 else comfy.supported_models.WAN21_T2V(cfg)
+    model = _dit(mc, seed, peaked)
+    t = Tiny("wan", patcher(model), 64, ch)
     t.frames = frames
     return t
+
+
+def tiny_wan22(seed: int = 0, frames: int = 1, layers: int = 2) -> Tiny:
+    return tiny_wan(seed, frames, True, layers, wan22=True)
 
 
 def tiny_qwen(seed: int = 0, peaked: bool = True, layers: int = 3) -> Tiny:
