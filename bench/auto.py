@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import time
-from typing import Optional
 
 log = logging.getLogger("FreeSpeed.bench")
 

@@ -33,7 +33,7 @@ from comfy_api.v0_0_2 import io
 from ..core import charts, measure
 from ..core.flops import count_flops
 from ..core.readout import readout
-from .hooks import CATEGORY, FreeSpeedNode, installed, logger, prepare_sampling
+from .hooks import FreeSpeedNode, installed, logger, prepare_sampling
 
 
 def freespeed_stats(model) -> list[tuple[str, dict]]:
@@ -179,14 +179,12 @@ def picture(doc: dict) -> torch.Tensor:
 class BenchmarkNode(FreeSpeedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FreeSpeedBenchmark",
-            display_name="FreeSpeed Benchmark",
-            category=CATEGORY,
+        return cls.schema(
+            "FreeSpeedBenchmark", "FreeSpeed Benchmark",
             description=("Times the original MODEL against a FreeSpeed-patched one (same noise, conditioning and "
                          "latent; interleaved repeats) and compares their outputs (PSNR/SSIM of the final latents), "
                          "with the original at fewer steps as the fair comparison. Outputs a table + plot image."),
-            inputs=[
+            model_input=False, inputs=[
                 io.Model.Input("model", tooltip="The original MODEL (what goes into the FreeSpeed node)."),
                 io.Model.Input("patched_model", tooltip="The MODEL out of the FreeSpeed node(s)."),
                 io.Conditioning.Input("positive"),
@@ -204,7 +202,6 @@ class BenchmarkNode(FreeSpeedNode):
                                  tooltip="Also time the original at 3 fewer step counts: the fair comparison."),
             ],
             outputs=[io.Image.Output(display_name="report"), io.String.Output(display_name="markdown")],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod

@@ -111,13 +111,16 @@ RunT = TypeVar("RunT", bound=Run)
 
 class Technique(Generic[RunT]):
     """One installed technique: config + hooks + per-run state.  Subclasses set ``name``/``key``/
-    ``stats_type``, build their run in ``new_run`` and add hooks in ``install``."""
+    ``stats_type``/``run_type``, build a richer run in ``new_run`` if they need one and add hooks in
+    ``install``."""
 
     name = "technique"            # shown in logs: "FreeSpeed <name>"
     key = "freespeed"             # wrapper key
     stats_type: type = RunStats
+    run_type: type = Run
 
-    def __init__(self, info: ModelInfo, node_id: Optional[str] = None):
+    def __init__(self, config: Any, info: ModelInfo, node_id: Optional[str] = None):
+        self.config = config      # the node's frozen config
         self.info = info
         self.node_id = node_id
         self.run: Optional[RunT] = None
@@ -129,7 +132,7 @@ class Technique(Generic[RunT]):
 
     # -- overridables -----------------------------------------------------------------------------
     def new_run(self, ctx: RunContext) -> RunT:
-        return Run(ctx, self.stats_type())          # type: ignore[return-value]
+        return self.run_type(ctx, self.stats_type())          # type: ignore[return-value]
 
     def finish_stats(self, run: RunT) -> None:
         """Fill the run's summary fields (counters are filled while it runs)."""
@@ -270,6 +273,15 @@ class FreeSpeedNode(io.ComfyNode):
         validate_inputs.__signature__ = inspect.Signature(
             [P("klass", P.POSITIONAL_OR_KEYWORD)] + [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in combos])
         cls.validate_inputs = classmethod(validate_inputs)
+
+    @classmethod
+    def schema(cls, node_id: str, display_name: str, description: str, inputs: list, outputs: Optional[list] = None,
+               model_input: bool = True) -> io.Schema:
+        """A FreeSpeed node's schema: the FreeSpeed category, the hidden node id, a MODEL input first
+        (``model_input``) and one MODEL output unless ``outputs`` says otherwise."""
+        return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                         inputs=[io.Model.Input("model")] * model_input + list(inputs),
+                         outputs=outputs if outputs is not None else [io.Model.Output()], hidden=[io.Hidden.unique_id])
 
     @classmethod
     def node_id(cls) -> Optional[str]:

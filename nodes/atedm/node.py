@@ -5,7 +5,7 @@ from typing import Optional
 
 from comfy_api.v0_0_2 import io
 
-from ..hooks import CATEGORY, FreeSpeedNode
+from ..hooks import FreeSpeedNode
 from ..sites import detect_model, transformer_stacks, unsupported
 from .config import ATEDMConfig, DIT_FAMILIES, LEVEL_CHOICES, RECOVERY
 from .dit import ATEDMDiT
@@ -28,10 +28,8 @@ def apply_atedm(model, config: ATEDMConfig, node_id: Optional[str] = None):
 class ATEDMNode(FreeSpeedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FreeSpeedATEDM",
-            display_name="FreeSpeed AT-EDM (attention-driven pruning)",
-            category=CATEGORY,
+        return cls.schema(
+            "FreeSpeedATEDM", "FreeSpeed AT-EDM (attention-driven pruning)",
             description=("AT-EDM (arXiv 2405.05252): inside the UNet's transformer stacks, tokens are ranked by "
                          "Generalized Weighted PageRank over the self-attention map, the lowest are pruned for the "
                          "following layers and recovered by copying their most similar kept token before the "
@@ -40,7 +38,6 @@ class ATEDMNode(FreeSpeedNode):
                          "chosen range (G-WPR over sampled query rows), the rest of the range runs on the kept image "
                          "tokens and every text token, pruned tokens are restored at its end."),
             inputs=[
-                io.Model.Input("model"),
                 io.Float.Input("ratio", default=0.7, min=0.0, max=0.95, step=0.05,
                                tooltip="Target pruning ratio: the fraction of tokens removed after the pruning "
                                        "layer of each stack. 0 = off (the unpatched model exactly)."),
@@ -73,8 +70,6 @@ class ATEDMNode(FreeSpeedNode):
                                tooltip="DiTs: nothing is pruned before this percent of denoising (published DiT "
                                        "pruning keeps the first steps full: CAT 8 of 28, RAS from step 4)."),
             ],
-            outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod

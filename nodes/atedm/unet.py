@@ -13,7 +13,7 @@ import comfy.patcher_extension as pe
 
 from ...core.pruning import kept_count, other_flops, stack_flops
 from ...core.stats import ATEDMStats
-from ..hooks import RunContext, Technique, installed, logger
+from ..hooks import Technique, installed, logger
 from ..sites import ModelInfo, StackSite, patch_forward, unet_inventory
 from .config import ATEDMConfig, ATEDMRun
 from .stack import map_bytes, patched, pruned_forward
@@ -23,10 +23,10 @@ class ATEDM(Technique[ATEDMRun]):
     name = "AT-EDM"
     key = "freespeed.atedm"
     stats_type = ATEDMStats
+    run_type = ATEDMRun
 
     def __init__(self, config: ATEDMConfig, info: ModelInfo, stacks: list[StackSite], node_id: Optional[str] = None):
-        super().__init__(info, node_id)
-        self.config = config
+        super().__init__(config, info, node_id)
         self.stacks = stacks
         self.inventory = None
 
@@ -41,8 +41,6 @@ class ATEDM(Technique[ATEDMRun]):
         for stack in self.stacks:
             patch_forward(model, stack.path, lambda orig, s=stack: self._make_forward(s, orig))
 
-    def new_run(self, ctx: RunContext) -> ATEDMRun:
-        return ATEDMRun(ctx, ATEDMStats())
 
     # -- per model call: FLOPs of everything outside the patched stacks ----------------------------
     def _apply_model(self, executor, x, t, *args, **kwargs):

@@ -7,7 +7,7 @@ from comfy_api.v0_0_2 import io
 
 from ...core.propagation import DIT_EVERY, DIT_WARMUP, PAPER_DIT_FRONT, PAPER_INJECTION, PAPER_INJECTION_START, SCHEDULE_LABELS
 from ...core.schedule import parse_percent_list
-from ..hooks import CATEGORY, FreeSpeedNode
+from ..hooks import FreeSpeedNode
 from ..sites import detect_model, unsupported
 from .config import CONTROLNET_MODES, DIT_FAMILIES, EncoderPropagationConfig
 from .dit import EncPropDiT
@@ -32,10 +32,8 @@ def apply_encoder_propagation(model, config: EncoderPropagationConfig, node_id: 
 class EncoderPropagationNode(FreeSpeedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FreeSpeedEncoderPropagation",
-            display_name="FreeSpeed Encoder Propagation",
-            category=CATEGORY,
+        return cls.schema(
+            "FreeSpeedEncoderPropagation", "FreeSpeed Encoder Propagation",
             description=("Faster Diffusion (arXiv 2312.09608): the UNet encoder runs only at key steps; the other steps "
                          "run the decoder on the key step's encoder features, several of them in one batch. "
                          "SD1.x, SD2.x and SDXL. Paper: ~1.7x on SD1.5 (DDIM 50), ~2x with ControlNet. DiTs (Flux/"
@@ -43,7 +41,6 @@ class EncoderPropagationNode(FreeSpeedNode):
                          "they are skipped and their key-step residual is added to the current input (no parallel "
                          "passes: each step needs its own input). Paper's DiT: 18 of 28 blocks, -34% time."),
             inputs=[
-                io.Model.Input("model"),
                 io.Combo.Input("schedule", options=list(SCHEDULE_LABELS), default="paper 50ls",
                                tooltip="Which steps run the whole UNet (key steps). paper 50ls: the paper's DDIM-50 "
                                        "key steps 0,1,2,3,5,10,15,25,35 as percents of denoising (0,2,4,6,10,20,30,50,"
@@ -84,8 +81,6 @@ class EncoderPropagationNode(FreeSpeedNode):
                                  tooltip="Also inject prior noise on flow-matching models (Flux, SD3, Wan, Qwen-Image,"
                                          " ...). Off by default: the paper tuned 0.003 for DDIM on SD."),
             ],
-            outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod

@@ -5,7 +5,6 @@ several in one batch; prior noise injection in the second half.  Schedules and c
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -16,7 +15,6 @@ from ...core.propagation import (Features, control_branches, injection_active, i
     plan_parallel, without_control)
 from ...core.stats import EncoderPropagationStats
 from ..hooks import Evaluation, RunContext, Technique, logger
-from ..sites import ModelInfo
 from .config import EncPropRun, EncoderPropagationConfig, injection_strength
 from .unet_decoder import Capture, decode_steps, decoder_pass
 
@@ -26,9 +24,7 @@ class EncoderPropagation(Technique[EncPropRun]):
     key = "freespeed.encoder_propagation"
     stats_type = EncoderPropagationStats
 
-    def __init__(self, config: EncoderPropagationConfig, info: ModelInfo, node_id: Optional[str] = None):
-        super().__init__(info, node_id)
-        self.config = config
+    config: EncoderPropagationConfig
 
     def install(self, model) -> None:
         # a second Encoder Propagation on the same MODEL replaces the first

@@ -7,7 +7,7 @@ from comfy_api.v0_0_2 import io
 
 from ...core.mapreuse import SCHEDULE_LABELS, parse_levels
 from ...core.schedule import parse_percent_list
-from ..hooks import CATEGORY, FreeSpeedNode, find
+from ..hooks import FreeSpeedNode, find
 from ..sites import detect_model, unsupported
 from .config import DIT_FAMILIES, MapReuseConfig
 from .dit import MapReuseDiT
@@ -63,10 +63,8 @@ def layer_config(self_attention, cross_attention, levels, cache_limit_mb, fp16_m
 class MapReuseNode(FreeSpeedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FreeSpeedAttentionMapReuse",
-            display_name="FreeSpeed Attention Map Reuse",
-            category=CATEGORY,
+        return cls.schema(
+            "FreeSpeedAttentionMapReuse", "FreeSpeed Attention Map Reuse",
             description=("Attention-map reuse (arXiv 2401.01008): on reuse steps the chosen attention layers skip the "
                          "Q/K projections, QKᵀ and softmax and apply the map kept at an earlier step to the current V. "
                          "Reuse late in denoising distorts least. Memory-bound: maps are N² per head; a byte budget "
@@ -74,7 +72,6 @@ class MapReuseNode(FreeSpeedNode):
                          "PixArt): maps would not fit (Flux 1024²: ~1 GB per block), so each block's attention output "
                          "is kept and reused instead (same schedules and budget; levels do not apply)."),
             inputs=[
-                io.Model.Input("model"),
                 io.Combo.Input("schedule", options=list(SCHEDULE_LABELS), default="late (paper)",
                                tooltip="late (paper): reuse from 'start' to the end of denoising (the paper's HURRY: "
                                        "the later a map is reused, the smaller the distortion). custom percents: the "
@@ -96,8 +93,6 @@ class MapReuseNode(FreeSpeedNode):
                                      "just before it, as DiTFastAttn's attention sharing across timesteps; 0 = never. "
                                      "Sources: docs/dit-defaults.md."),
             ],
-            outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod

@@ -11,7 +11,7 @@ from comfy_api.v0_0_2 import io
 
 from ...core.mapreuse import distortion, search_schedule, steps_to_percents
 from ...core.schedule import parse_percent_list
-from ..hooks import CATEGORY, FreeSpeedNode, logger, prepare_sampling
+from ..hooks import FreeSpeedNode, logger, prepare_sampling
 from .config import MapReuseConfig
 from .node import apply_mapreuse, find_mapreuse, layer_config, layer_inputs
 
@@ -33,17 +33,14 @@ def search(model, sample_fn, budget: int, base: MapReuseConfig) -> dict:
 class MapReuseSearchNode(FreeSpeedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FreeSpeedAttentionMapReuseSearch",
-            display_name="FreeSpeed Attention Map Reuse Search",
-            category=CATEGORY,
+        return cls.schema(
+            "FreeSpeedAttentionMapReuseSearch", "FreeSpeed Attention Map Reuse Search",
             description=("Finds a reuse schedule for your model (greedy, in the spirit of the paper's PHAST): one "
                          "reference run, one calibration run per step (that step alone reuses), then the 'budget' "
                          "steps of least distortion and the late schedule are compared in full; the better one is "
                          "returned as percents for the custom schedule, and applied to the output MODEL. "
                          "Costs steps + 2 sampling runs: calibrate small (few steps, low resolution)."),
             inputs=[
-                io.Model.Input("model"),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),
@@ -59,7 +56,6 @@ class MapReuseSearchNode(FreeSpeedNode):
             outputs=[io.Model.Output(display_name="model"),
                      io.String.Output(display_name="custom_percents"),
                      io.String.Output(display_name="report")],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod

@@ -24,8 +24,7 @@ class MapReuse(Technique[MapReuseRun]):
     stats_type = MapReuseStats
 
     def __init__(self, config: MapReuseConfig, info: ModelInfo, node_id: Optional[str] = None):
-        super().__init__(info, node_id)
-        self.config = config
+        super().__init__(config, info, node_id)
         self.sites: list[AttentionSite] = []
         self.foreign: list[str] = []          # chosen sites whose forward another node patched
         self.last_schedule = None

@@ -5,7 +5,7 @@ from typing import Optional
 
 from comfy_api.v0_0_2 import io
 
-from ..hooks import CATEGORY, FreeSpeedNode
+from ..hooks import FreeSpeedNode
 from ..sites import attention_sites, detect_model, family_reason, unsupported
 from .config import JOINT_FAMILIES, TGateConfig
 from .dit import TGateJoint
@@ -35,16 +35,13 @@ def apply_tgate(model, config: TGateConfig, node_id: Optional[str] = None):
 class TGateNode(FreeSpeedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FreeSpeedTGate",
-            display_name="FreeSpeed T-GATE",
-            category=CATEGORY,
+        return cls.schema(
+            "FreeSpeedTGate", "FreeSpeed T-GATE",
             description=("T-GATE (arXiv 2404.02747): after the gate, cross-attention is replaced by its cached output "
                          "(mean of the cond and uncond branches at the gate) and classifier-free guidance is dropped, "
                          "so only the positive branch is evaluated. ~1.6x at 25 steps with the gate at 40%. "
                          "SD1.x/SD2.x, SDXL, PixArt. IP-Adapter's contribution is frozen at the gate with the text."),
             inputs=[
-                io.Model.Input("model"),
                 io.Float.Input("gate", default=0.4, min=0.0, max=1.0, step=0.01,
                                tooltip="Where cross-attention is frozen, in percent of denoising (0.4 = step 10 of 25 "
                                        "with the normal scheduler, the paper's default). 1.0 = off. UNets; DiTs: "
@@ -70,8 +67,6 @@ class TGateNode(FreeSpeedNode):
                                        "denoising. 0.6 = T-GATE's official PixArt setting (gate_step 15 of 25 steps); "
                                        "1.0 = off. Sources: docs/dit-defaults.md."),
             ],
-            outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod

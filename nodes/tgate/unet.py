@@ -26,8 +26,7 @@ class TGate(Technique[TGateRun]):
 
     def __init__(self, config: TGateConfig, info: ModelInfo, sites: list[AttentionSite],
                  node_id: Optional[str] = None):
-        super().__init__(info, node_id)
-        self.config = config
+        super().__init__(config, info, node_id)
         self.gate = config.gate_for(info)
         self.sites = [s for s in sites if s.kind == "cross" or config.self_attention]
         self.modules: dict[str, torch.nn.Module] = {}

@@ -6,7 +6,7 @@ from typing import Optional
 from comfy_api.v0_0_2 import io
 
 from ...core.tokens import METHODS
-from ..hooks import CATEGORY, FreeSpeedNode
+from ..hooks import FreeSpeedNode
 from ..sites import detect_model, unsupported
 from .config import DIT_FAMILIES, ToDoConfig
 from .dit import ToDoDiT
@@ -28,10 +28,8 @@ def apply_todo(model, config: ToDoConfig, node_id: Optional[str] = None):
 class ToDoNode(FreeSpeedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FreeSpeedToDo",
-            display_name="FreeSpeed ToDo (token downsampling)",
-            category=CATEGORY,
+        return cls.schema(
+            "FreeSpeedToDo", "FreeSpeed ToDo (token downsampling)",
             description=("Token downsampling (ToDo, arXiv 2402.13573): self-attention keys/values are downsampled on "
                          "their 2-D token grid, queries keep full resolution. Biggest gains at high resolution "
                          "(1024² and up on SD1.5, 1536² and up on SDXL). DiTs (Flux/Chroma, SD3, Wan, Qwen-Image, "
@@ -39,7 +37,6 @@ class ToDoNode(FreeSpeedNode):
                          "is kept, factor_level_1 is the factor; on DiTs attention is a smaller share of the work, "
                          "so it pays off from ~2 MP on (PixArt: nearest with an integer factor dividing the grid)."),
             inputs=[
-                io.Model.Input("model"),
                 io.Float.Input("factor_level_1", default=2.0, min=1.0, max=8.0, step=0.5,
                                tooltip="K/V downsampling factor at attention level 1, the highest-resolution level "
                                        "with attention (64x64 tokens: SD1.5 at 512², SDXL at 1024²); on DiTs the image K/V "
@@ -61,8 +58,6 @@ class ToDoNode(FreeSpeedNode):
                                        "(0.5 = the back half, as PixArt-Sigma's trained 2x2 K/V compression, blocks "
                                        "14-27 of 28); 0 = every block. Sources: docs/dit-defaults.md."),
             ],
-            outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod

@@ -4,14 +4,12 @@ DiTs (Flux/Chroma, SD3, Wan, Qwen-Image, PixArt): ``nodes/todo/dit.py``.  Design
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import comfy.patcher_extension as pe
 
 from ...core.stats import ToDoStats
 from ...core.tokens import band_factor, downsample_grid, factor_for_level
-from ..hooks import RunContext, Technique
-from ..sites import ModelInfo
+from ..hooks import Technique
 from .config import ToDoConfig, ToDoRun
 
 
@@ -19,13 +17,8 @@ class ToDo(Technique[ToDoRun]):
     name = "ToDo"
     key = "freespeed.todo"
     stats_type = ToDoStats
-
-    def __init__(self, config: ToDoConfig, info: ModelInfo, node_id: Optional[str] = None):
-        super().__init__(info, node_id)
-        self.config = config
-
-    def new_run(self, ctx: RunContext) -> ToDoRun:
-        return ToDoRun(ctx, ToDoStats())
+    run_type = ToDoRun
+    config: ToDoConfig
 
     def install(self, model) -> None:
         super().install(model)
