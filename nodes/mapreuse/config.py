@@ -24,8 +24,6 @@ class MapReuseConfig:
     schedule: str = "late"             # "late" | "custom" | "off"
     start: float = 0.5                 # late: reuse from this percent of denoising on
     refresh_every: int = 0             # late: recompute + keep the maps every k steps of the window (0 = never)
-    dit_refresh_every: int = 2         # the same on DiTs: 2 = each reuse step reuses the step just before it
-                                       # (DiTFastAttn's attention sharing across timesteps, AST; docs/dit-defaults.md)
     percents: tuple = ()               # custom: reuse steps as percents (0..1)
     self_attention: bool = True
     cross_attention: bool = True
@@ -33,6 +31,8 @@ class MapReuseConfig:
     cache_limit_mb: float = 1024.0     # 0 = unlimited
     map_dtype: str = "fp16"
     cache_on_cpu: bool = False
+    dit_refresh_every: int = 2         # refresh_every on DiTs: 2 = each reuse step reuses the step just before it
+                                       # (DiTFastAttn's attention sharing across timesteps, AST; docs/dit-defaults.md)
 
     def __post_init__(self):
         if self.schedule not in MODES:

@@ -54,7 +54,7 @@ LATE = {
     "tgate": dict(gate=0.5, dit_gate=0.5),
     "encprop": dict(schedule="custom", key_percents=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), noise_injection=0.003,
                     injection_start=0.5, max_parallel=2, dit_every=0),   # DiTs: the warm-up to 50% is a no-op here
-    "mapreuse": dict(schedule="late", start=0.6, map_dtype="fp32"),     # keeps its maps at 50%, reuses after
+    "mapreuse": dict(schedule="late", start=0.6, map_dtype="fp32", dit_refresh_every=0),   # keeps its maps at 50%, reuses after
     "atedm": dict(ratio=0.5, dsap_end=0.5, early_scale=0.0),
 }
 # each node's own "off" setting (documented as exactly the unpatched model)

@@ -43,12 +43,19 @@ def fx(request):
 # Fixtures whose committed weights are CPU-trained and known to miss issue 13's realism targets (README,
 # "State of the fixtures"): their target tests are strict expected failures, so the day a retrained
 # fixture meets them the mark must go (XPASS fails the run).
-UNDERTRAINED = {"fixture": "CPU-trained (4000 steps): prompt accuracy ~0.5, 3 steps and 20 steps not separable"}
+UNDERTRAINED = {  # fixture -> (why, the targets it misses: "accuracy" and/or "ranking")
+    "fixture": ("CPU-trained (4000 steps): prompt accuracy ~0.5, 3 steps and 20 steps not separable",
+                {"accuracy", "ranking"}),
+    "fixture-flux": ("CPU-trained (2000 steps): prompt accuracy 0.49", {"accuracy"}),
+    "fixture-pixart": ("CPU-trained (2000 steps): prompt accuracy 0.50, 3 steps and 20 steps not separable",
+                       {"accuracy", "ranking"}),
+}
 
 
-def _expect_miss(request, fx):
-    if fx.name in UNDERTRAINED:
-        request.applymarker(pytest.mark.xfail(reason=f"{fx.name}: {UNDERTRAINED[fx.name]}", strict=True))
+def _expect_miss(request, fx, target: str):
+    why, misses = UNDERTRAINED.get(fx.name, ("", set()))
+    if target in misses:
+        request.applymarker(pytest.mark.xfail(reason=f"{fx.name}: {why}", strict=True))
 
 
 _RUNS: dict = {}
@@ -112,14 +119,14 @@ def test_samples_have_learned_the_colours(fx):
 
 
 def test_samples_follow_their_prompts(fx, request):
-    _expect_miss(request, fx)
+    _expect_miss(request, fx, "accuracy")
     prompts, _ = SMALL
     acc = quality.prompt_accuracy(runs(fx)["full"], prompts)
     assert acc["accuracy"] >= ACCURACY_TARGET, (acc["per_attribute"], acc["per_kind"])
 
 
 def test_quality_metrics_rank_three_steps_below_the_full_run(fx, request):
-    _expect_miss(request, fx)
+    _expect_miss(request, fx, "ranking")
     prompts, _ = SMALL
     r = runs(fx)
     full, three = quality.prompt_accuracy(r["full"], prompts), quality.prompt_accuracy(r["3"], prompts)
