@@ -7,7 +7,8 @@ the full run, quality = prompt accuracy and fixture FD) and 3 interleaved timed 
 against the fewer-steps run of equal counted FLOPs and, when the timing passes its self-check, of equal wall
 time ("timing inconclusive" otherwise), and the fixture's realism figures.  Writes
 ``bench/out/suite.{json,md,png}``.  ``--model fixture-sdxl|fixture-flux|fixture-pixart`` (the other fixtures),
-``sd15|sdxl`` (full-size, random weights: speed only) or a checkpoint path.
+``sd15|sdxl`` (full-size, random weights: speed only) or a checkpoint path.  On ``fixture`` it then runs
+FreeSpeed Auto's search (``--auto-budget`` trials, counted FLOPs; ``bench/out/auto.json``).
 
 ``python -m bench sweep --technique NAME``: the tuning sweep (held-out prompts; :mod:`bench.sweep`).
 ``python -m bench speed [...]``: ToDo's attention-kernel measurement.
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default bench/out)")
+    p.add_argument("--auto-budget", type=int, default=14,
+                   help="after the suite on fixture: FreeSpeed Auto's search with this many trials, cost = counted "
+                        "FLOPs (python -m bench auto); 0 = skip")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
@@ -204,6 +208,14 @@ def main(argv: Optional[list] = None) -> int:
     if not args.no_write:
         for path in suite_report.write(doc, args.out or OUT_DIR):
             log.info("wrote %s", os.path.relpath(path))
+    if args.auto_budget > 0 and args.model == "fixture":
+        # FreeSpeed Auto on the same fixture (the node's own search): what it tries and chooses, fewer steps included
+        from .auto import main as main_auto
+        auto_argv = ["--model", args.model, "--budget", str(args.auto_budget)]
+        if not args.no_write:
+            auto_argv += ["--json", os.path.join(args.out or OUT_DIR, "auto.json")]
+        print("", flush=True)
+        return main_auto(auto_argv, t_start, lambda _argv: True)
     return 0
 
 

@@ -82,11 +82,12 @@ def test_climb_stops_at_the_first_failing_rung_and_budget_bounds_trials():
         w = World()
         log = A.run_search(reference(), KEYS, w.evaluate, budget=budget)
         assert log.trials == len(w.seen) <= budget
-    # a budget of 7 still reaches the first rung of every ladder (round-robin), fewer steps first
+    # fewer steps first, climbed to its first failing rung (19, 16, 13), then one rung of every ladder per round:
+    # a budget of 3 + len(KEYS) reaches the first rung of every technique
     w = World()
-    log = A.run_search(reference(), KEYS, w.evaluate, budget=8)
-    assert log.candidates[0].kind == "fewer_steps"
-    assert {c.keys[0] for c in log.candidates[1:] if c.parts} == set(KEYS)
+    log = A.run_search(reference(), KEYS, w.evaluate, budget=3 + len(KEYS))
+    assert [c.steps for c in log.candidates[:3]] == [19, 16, 13] and all(c.kind == "fewer_steps" for c in log.candidates[:3])
+    assert [c.keys[0] for c in log.candidates[3:]] == list(KEYS)
 
 
 def test_winner_is_the_cheapest_candidate_holding_the_target_on_every_seed():
