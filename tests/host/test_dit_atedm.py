@@ -65,24 +65,28 @@ def test_pruned_blocks_see_every_text_token_and_the_kept_image_tokens(family):
         "image": f"{g.n}->{keep}"}
 
 
+def recorder(got: dict, name: str, txt: int, single: bool):
+    """A ``dit`` block replace that records the block's image-stream output under ``got[name]`` (single blocks:
+    the image part of the concatenated stream)."""
+    def rep(args, extra):
+        out = extra["original_block"](args)
+        got.setdefault(name, []).append(out["img"][:, txt:] if single else out["img"])
+        return out
+    return rep
+
+
 def test_scattered_back_tokens_take_their_source_tokens_residual():
     t = tiny("flux")
     sites = block_sites(t.model, detect_model(t.model))
     txt = 77
     got = {}
 
-    def recorder(name, single):
-        def rep(args, extra):
-            out = extra["original_block"](args)
-            got.setdefault(name, []).append(out["img"][:, txt:] if single else out["img"])
-            return out
-        return rep
     m = t.model.clone()
-    add_block_replace(m, sites[0], recorder("rank_out", False))          # inner: the full ranking-block output
-    add_block_replace(m, sites[-1], recorder("last_kept", True))         # inner: the pruned last-block output
+    add_block_replace(m, sites[0], recorder(got, "rank_out", txt, False))          # inner: the full ranking-block output
+    add_block_replace(m, sites[-1], recorder(got, "last_kept", txt, True))         # inner: the pruned last-block output
     m = apply_atedm(m, WHOLE)
     m = m.clone()
-    add_block_replace(m, sites[-1], recorder("last_full", True))         # outer: what AT-EDM scattered back
+    add_block_replace(m, sites[-1], recorder(got, "last_full", txt, True))         # outer: what AT-EDM scattered back
     rankings = []
     tech(m).ranking_probe = rankings.append
     assert torch.isfinite(run(m, "flux", 2, cfg=1.0)).all()
@@ -138,18 +142,12 @@ def test_previous_recovery_gives_pruned_tokens_their_own_residual_of_the_previou
     sites = block_sites(t.model, detect_model(t.model))
     txt, got = 77, {}
 
-    def recorder(name, single):
-        def rep(args, extra):
-            out = extra["original_block"](args)
-            got.setdefault(name, []).append(out["img"][:, txt:] if single else out["img"])
-            return out
-        return rep
     m = t.model.clone()
-    add_block_replace(m, sites[0], recorder("rank_out", False))          # inner: the full ranking-block output
+    add_block_replace(m, sites[0], recorder(got, "rank_out", txt, False))          # inner: the full ranking-block output
     m = apply_atedm(m, ATEDMConfig(ratio=0.5, dsap_end=0.0, dit_start=0.0, dit_end=1.0, dit_warmup=0.0,
                                    recovery="previous"))
     m = m.clone()
-    add_block_replace(m, sites[-1], recorder("last_full", True))         # outer: what AT-EDM scattered back
+    add_block_replace(m, sites[-1], recorder(got, "last_full", txt, True))         # outer: what AT-EDM scattered back
     rankings = []
     tech(m).ranking_probe = rankings.append
     assert torch.isfinite(run(m, "flux", 3, cfg=1.0)).all()
